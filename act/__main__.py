@@ -1,0 +1,3 @@
+from act.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""`AutoCompression`: the whole distillation-QAT run, from an Ultralytics checkpoint to a verified Q/DQ ONNX.
+
+    from act import AutoCompression
+    summary = AutoCompression("configs/demo_pose_qat.yaml").run()
+
+The CLI (`act compress`) is a thin layer over this class. A script may pass its own `train_loader` (yielding image
+batches, float in [0, 1], or (images, ...) tuples) and `eval_fn(model, context) -> dict`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from act import quant as Q
+from act.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from act.config import RunConfig, load_config, validate_config
+from act.data import InfiniteLoader, build_loader, iterations_for, load_images, resolve_source
+from act.distill import DistillLoss, FeatureCapture, find_nodes
+from act.errors import ActError, ConfigError
+from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
+from act.export import export_onnx, parity, qdq_summary
+from act.monitor import RunLogger
+from teachers import family_for, resolve_teacher
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"invalid config:\n  train.device: CUDA is not available on this machine (got {spec!r})")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_teacher(cfg: RunConfig):
+    """(teacher module fused/frozen/eval, family, source)."""
+    src = resolve_teacher(cfg.model.teacher)
+    family = family_for(None)
+    model = family.load(src.path, src.kind)
+    task = family.task(model)
+    if cfg.model.task != "auto" and cfg.model.task != task:
+        raise ConfigError(f"invalid config:\n  model.task: {cfg.model.task!r}, but {src.path} is a {task} model")
+    model.fuse(verbose=False)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, family, src
+
+
+def build_student(teacher: nn.Module, cfg: RunConfig, family) -> nn.Module:
+    """Deep copy of the (BN-folded) teacher, fake-quantized per config. Not calibrated yet."""
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if cfg.quant.enabled:
+        Q.quantize(student, cfg.quant, skip=family.float_patterns)
+    return student
+
+
+def _images_of(batch):
+    if isinstance(batch, (list, tuple)):
+        return batch[0], (batch[1] if len(batch) > 1 and isinstance(batch[1], list) else [])
+    return batch, []
+
+
+class AutoCompression:
+    """One compression run. `run()` trains (or resumes), evaluates, exports and returns the summary dict."""
+
+    def __init__(self, config: Union[RunConfig, str, Path, Dict], overrides: Optional[List[str]] = None,
+                 train_loader: Optional[Iterable] = None, eval_fn: Optional[Callable] = None):
+        if isinstance(config, RunConfig):
+            self.cfg = validate_config(config.dump()) if overrides is None else load_config(raw=config.dump(),
+                                                                                              overrides=overrides)
+        elif isinstance(config, dict):
+            self.cfg = load_config(raw=config, overrides=overrides)
+        else:
+            self.cfg = load_config(config, overrides)
+        self.user_loader = train_loader
+        self.user_eval = eval_fn
+        self.out = Path(self.cfg.output_dir)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self):
+        cfg = self.cfg
+        self.device = select_device(cfg.train.device)
+        seed_everything(cfg.train.seed)
+        self.teacher, self.family, self.source = load_teacher(cfg)
+        self.task = self.family.task(self.teacher)
+        self.student = build_student(self.teacher, cfg, self.family)
+        self.nodes = find_nodes(self.teacher, self.family, cfg.distill.nodes)
+        head = self.family.head(self.teacher)
+        self.loss_fn = DistillLoss(self.nodes, cfg.distill, reg_max=getattr(head, "reg_max", 16))
+        self.teacher.to(self.device)
+        self.student.to(self.device)
+        names = [n.name for n in self.nodes]
+        self.t_capture = FeatureCapture(self.teacher, names)
+        self.s_capture = FeatureCapture(self.student, names)
+        # data
+        if self.user_loader is None:
+            self.loader = build_loader(cfg.data, seed=cfg.train.seed)
+            n_images = len(self.loader.dataset)
+        else:
+            self.loader = self.user_loader
+            n_images = len(getattr(self.user_loader, "dataset", [])) or cfg.data.batch_size
+        self.total_iters = iterations_for(cfg.train, n_images, cfg.data.batch_size)
+        # evaluation
+        self.evaluators: List[Callable] = []
+        if cfg.eval.data:
+            self.evaluators.append(CocoEvaluator(cfg.eval.data, self.task, cfg.eval.imgsz or cfg.data.imgsz,
+                                                 cfg.eval.batch_size, cfg.eval.max_images, cfg.eval.split,
+                                                 workdir=self.out / "eval"))
+        if cfg.eval.callback:
+            self.evaluators.append(load_callback(cfg.eval.callback))
+        if self.user_eval is not None:
+            self.evaluators.append(self.user_eval)
+        self.metric = cfg.eval.metric or (default_metric(self.task) if cfg.eval.data else None)
+        # optimizer: weights/biases at lr, PACT alphas at their own lr
+        alphas = [p for n, p in self.student.named_parameters() if n.endswith(".alpha")]
+        weights = [p for n, p in self.student.named_parameters() if not n.endswith(".alpha")]
+        groups = [{"params": weights, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "weights"}]
+        if alphas:
+            groups.append({"params": alphas, "lr": cfg.quant.activation.alpha_lr,
+                           "weight_decay": cfg.quant.activation.alpha_weight_decay, "name": "alpha"})
+        opt = cfg.train.optimizer
+        if opt == "sgd":
+            self.optimizer = torch.optim.SGD(groups, momentum=cfg.train.momentum, nesterov=True)
+        elif opt == "adam":
+            self.optimizer = torch.optim.Adam(groups)
+        else:
+            self.optimizer = torch.optim.AdamW(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        amp = cfg.train.amp if self.device.type == "cuda" else "none"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+    def _lr_lambda(self, it: int) -> float:
+        t = self.cfg.train
+        if t.warmup_iters and it < t.warmup_iters:
+            return (it + 1) / t.warmup_iters
+        if t.scheduler == "constant":
+            return 1.0
+        span = max(1, self.total_iters - t.warmup_iters)
+        p = min(1.0, (it - t.warmup_iters) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _batches(self):
+        src = InfiniteLoader(self.loader) if isinstance(self.loader, torch.utils.data.DataLoader) else self.loader
+        while True:
+            for batch in src:
+                images, bad = _images_of(batch)
+                if bad:
+                    self.bad_images.extend(bad)
+                if images is None or len(images) == 0:
+                    continue
+                yield images
+            if isinstance(src, InfiniteLoader):
+                return
+
+    def calibrate(self, batches) -> None:
+        n = self.cfg.quant.calib_batches
+        if not self.cfg.quant.enabled or n == 0:
+            if self.cfg.quant.enabled:
+                Q.calibrate(self.student, lambda m: None, init_alpha=False)
+            return
+
+        def loop(model):
+            for i, images in zip(range(n), batches):
+                model(images.to(self.device, non_blocking=True))
+                self.s_capture.pop()
+
+        init_alpha = self.cfg.quant.activation.alpha_init == "auto"
+        Q.calibrate(self.student, loop, init_alpha=init_alpha)
+
+    def evaluate(self, model: nn.Module, iteration: int) -> Dict[str, float]:
+        if not self.evaluators:
+            return {}
+        ctx = EvalContext(self.device, self.cfg.eval.imgsz or self.cfg.data.imgsz, iteration, self.out)
+        was = model.training
+        model.eval()
+        results: Dict[str, float] = {}
+        try:
+            for fn in self.evaluators:
+                r = fn(model, ctx)
+                if not isinstance(r, dict):
+                    raise ActError(f"eval callback {fn} returned {type(r).__name__}, expected a dict of floats")
+                results.update({k: float(v) for k, v in r.items()})
+        finally:
+            model.train(was)
+        if self.metric and self.metric not in results:
+            raise ConfigError(f"invalid config:\n  eval.metric: {self.metric!r} is not among the eval results "
+                              f"{sorted(results)}")
+        return results
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state(self, iteration: int) -> Dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "total_iters": self.total_iters,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_metric": self.best_metric,
+            "best_iteration": self.best_iteration,
+            "history": self.history,
+            "bad_images": self.bad_images,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "config": self.cfg.dump(),
+            "teacher": str(self.source.path),
+            "nodes": [n.name for n in self.nodes],
+        }
+
+    def save(self, name: str, iteration: int, training_state: bool = True) -> Path:
+        """last.pt carries the optimizer/scheduler for --resume; best.pt only the student and its metrics."""
+        path = self.out / name
+        train_args = {"task": self.task, "imgsz": self.cfg.data.imgsz, "model": str(self.source.path)}
+        state = self.state(iteration)
+        if not training_state:
+            for k in ("optimizer", "scheduler", "scaler", "rng"):
+                state.pop(k)
+        atomic_save(make_checkpoint(self.student, state, train_args), path)
+        return path
+
+    def resume_from(self, path: Path) -> int:
+        ckpt = load_checkpoint(path)
+        st = ckpt["act"]
+        self.student.load_state_dict(ckpt["model"].state_dict())
+        self.student.to(self.device)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.best_metric = st["best_metric"]
+        self.best_iteration = st["best_iteration"]
+        self.history = st["history"]
+        self.bad_images = st.get("bad_images", [])
+        rng = st["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        return int(st["iteration"])
+
+    # ------------------------------------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor) -> Dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            self.teacher(images)
+        t_out = {k: v.clone() for k, v in self.t_capture.pop().items()}
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            self.student(images)
+        s_out = self.s_capture.pop()
+        loss, per_node = self.loss_fn(s_out, t_out)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            return {"loss": float("nan")}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        out = {"loss": float(loss.detach())}
+        out.update({f"node/{k}": float(v) for k, v in per_node.items()})
+        return out
+
+    def _prepare_output(self, resume: bool, exist_ok: bool) -> None:
+        marker = self.out / "last.pt"
+        if not resume and marker.exists() and not exist_ok:
+            raise ActError(f"output_dir {self.out} already holds a run (last.pt). Resume it with --resume, or pass "
+                           f"--exist-ok to overwrite, or set output_dir=...")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.dump(), sort_keys=False))
+
+    def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+        from tqdm import tqdm
+
+        t0 = time.time()
+        self._prepare_output(resume, exist_ok)
+        self.setup()
+        self.best_metric: Optional[float] = None
+        self.best_iteration: Optional[int] = None
+        self.history: List[Dict[str, Any]] = []
+        self.bad_images: List[str] = []
+        self.nonfinite_steps = 0
+        log = RunLogger(self.out / "tensorboard")
+        start = 0
+        batches = self._batches()
+        before: Dict[str, Dict[str, float]] = {}
+        if resume:
+            start = self.resume_from(self.out / "last.pt")
+            print(f"act: resuming {self.out} at iteration {start}/{self.total_iters}")
+            before = self.history[0].get("before", {}) if self.history else {}
+        else:
+            self.calibrate(batches)
+            if self.cfg.eval.before and self.evaluators:
+                before["teacher"] = self.evaluate(self.teacher, 0)
+                before["student_init"] = self.evaluate(self.student, 0)
+                log.scalars("eval_before/teacher", before["teacher"], 0)
+                log.scalars("eval_before/student", before["student_init"], 0)
+                print(f"act: teacher {_fmt(before['teacher'])} | student before training {_fmt(before['student_init'])}")
+            self.history.append({"iteration": 0, "before": before})
+
+        self.student.train()
+        bar = tqdm(total=self.total_iters, initial=start, desc="act compress", unit="it", dynamic_ncols=True,
+                   disable=os.environ.get("ACT_NO_PROGRESS") == "1")
+        it = start
+        seen, t_last = 0, time.time()
+        interrupted = False
+        try:
+            while it < self.total_iters:
+                images = next(batches)
+                stats = self.train_step(images)
+                it += 1
+                seen += len(images)
+                bar.update(1)
+                if it % self.cfg.train.log_every == 0 or it == self.total_iters:
+                    dt = max(time.time() - t_last, 1e-9)
+                    ips = seen / dt
+                    seen, t_last = 0, time.time()
+                    bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}")
+                    log.train(stats, self.optimizer, it, ips)
+                    log.quantizers(self.student, it)
+                is_last = it == self.total_iters
+                if self.evaluators and (it % self.cfg.eval.every == 0 or is_last):
+                    res = self.evaluate(self.student, it)
+                    log.scalars("eval", res, it)
+                    self.history.append({"iteration": it, "eval": res})
+                    bar.write(f"act: iteration {it}: {_fmt(res)}")
+                    if self.metric and (self.best_metric is None or res[self.metric] > self.best_metric):
+                        self.best_metric, self.best_iteration = res[self.metric], it
+                        self.save("best.pt", it, training_state=False)
+                if it % self.cfg.train.checkpoint_every == 0 or is_last:
+                    self.save("last.pt", it)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+        if interrupted:
+            self.save("last.pt", it)
+            log.close()
+            raise ActError(f"interrupted at iteration {it}; last.pt saved. Resume with: act compress --config "
+                           f"{self.out / 'config.yaml'} --resume", ) from None
+        if not self.metric:
+            self.best_iteration = it
+            self.save("best.pt", it, training_state=False)
+        train_time = time.time() - t0
+
+        summary = self.finish(log, before, it, train_time)
+        log.close()
+        return summary
+
+    def finish(self, log, before, it: int, train_time: float) -> Dict[str, Any]:
+        cfg = self.cfg
+        best = load_checkpoint(self.out / "best.pt")
+        best_student = best["model"].to(self.device)
+        after = self.history[-1].get("eval", {}) if len(self.history) > 1 else {}
+        best_eval = next((h["eval"] for h in self.history if h.get("iteration") == self.best_iteration and "eval" in h),
+                         after)
+        summary: Dict[str, Any] = {
+            "teacher": str(self.source.path),
+            "task": self.task,
+            "iterations": it,
+            "best_iteration": self.best_iteration,
+            "metric": self.metric,
+            "metrics": {"before": before, "best": best_eval, "last": after},
+            "time_s": {"train": round(train_time, 2)},
+            "nodes": [n.name for n in self.nodes],
+            "quantized_layers": len(Q.quantized_modules(self.student)),
+            "bad_images": len(self.bad_images),
+            "nonfinite_steps": self.nonfinite_steps,
+            "settings": cfg.dump(),
+        }
+        if self.bad_images:
+            (self.out / "bad_images.txt").write_text("\n".join(self.bad_images) + "\n")
+        if cfg.export.onnx:
+            t1 = time.time()
+            onnx_path = export_onnx(best_student, self.out / "student.onnx", self.family, cfg.data.imgsz,
+                                    cfg.export.batch, cfg.export.opset, cfg.export.dynamic,
+                                    metadata={"act": json.dumps({"best_iteration": self.best_iteration})})
+            images = self.parity_images()
+            par = parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance,
+                         raise_on_fail=False)
+            summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
+            summary["time_s"]["export"] = round(time.time() - t1, 2)
+            self._write_summary(summary)
+            if not par["passed"]:
+                parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance)  # raises
+        self._write_summary(summary)
+        print(f"act: done. best {self.metric or 'checkpoint'}: {self.best_metric} at iteration {self.best_iteration}")
+        print(f"act: outputs in {self.out}  (ONNX: {self.out / 'student.onnx'}; "
+              f"TensorBoard: tensorboard --logdir {self.out / 'tensorboard'})")
+        return summary
+
+    def parity_images(self) -> torch.Tensor:
+        n = self.cfg.export.parity_images
+        try:
+            paths = resolve_source(self.cfg.data.train)[:n]
+            return load_images(paths, self.cfg.data.imgsz)
+        except ActError:
+            return torch.rand(n, 3, self.cfg.data.imgsz, self.cfg.data.imgsz)
+
+    def _write_summary(self, summary):
+        tmp = self.out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, self.out / "summary.json")
+
+
+def _fmt(d: Dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in d.items()) or "(no metrics)"

@@ -1,0 +1,281 @@
+"""Typed, validated run configuration.
+
+A config is YAML; every section is a pydantic model that forbids unknown keys. `load_config` applies `key=value`
+overrides, validates, and raises `ConfigError` naming the key path and what was expected, before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from act.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The model to compress. `teacher` is a name from `teachers/registry.yaml`, a path to an Ultralytics `.pt`, or
+    an Ultralytics model yaml (random weights, for structural experiments)."""
+
+    teacher: str = Field(description="teacher name (e.g. yolo11n-pose), .pt path, or Ultralytics model .yaml")
+    task: Literal["auto", "pose", "detect"] = "auto"
+
+
+class AugmentConfig(_Section):
+    flip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    scale: Tuple[float, float] = Field((0.75, 1.25), description="random resize range before letterbox")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_ordered(cls, v):
+        if not (0 < v[0] <= v[1]):
+            raise ValueError("expected [low, high] with 0 < low <= high")
+        return v
+
+
+class DataConfig(_Section):
+    """Unlabeled images for distillation: a folder, a .txt list of paths, an Ultralytics data yaml (its train split),
+    or `pkg:PACKAGE/FOLDER` for images shipped inside an installed package."""
+
+    train: str
+    imgsz: int = Field(640, ge=32, le=4096)
+    batch_size: int = Field(16, ge=1)
+    workers: int = Field(2, ge=0)
+    augment: Union[AugmentConfig, bool] = True
+    max_images: Optional[int] = Field(None, ge=1, description="use at most this many images of the pool")
+    cache: bool = Field(False, description="keep decoded images in memory (small pools)")
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride_multiple(cls, v):
+        if v % 32:
+            raise ValueError("expected a multiple of 32 (the model's largest stride)")
+        return v
+
+    @property
+    def augmentation(self) -> Optional[AugmentConfig]:
+        if self.augment is True:
+            return AugmentConfig()
+        return self.augment or None
+
+
+BranchType = Literal["box", "cls", "kpt", "other"]
+
+
+class LossSpec(_Section):
+    """One distillation loss. `soft_label`: softmax with temperature over `axis`, cross-entropy (KL) to the teacher.
+    `l2`: mean squared error. `bce`: sigmoid cross-entropy with the teacher's sigmoid as soft target."""
+
+    type: Literal["soft_label", "l2", "bce"]
+    temperature: float = Field(1.0, gt=0)
+    axis: Literal["channel", "spatial", "dfl"] = "channel"
+    weight: float = Field(1.0, ge=0)
+
+
+def _default_losses() -> Dict[str, LossSpec]:
+    return {
+        "box": LossSpec(type="soft_label", axis="dfl", temperature=1.0),
+        "cls": LossSpec(type="bce"),
+        "kpt": LossSpec(type="l2"),
+        "other": LossSpec(type="l2"),
+    }
+
+
+class DistillConfig(_Section):
+    nodes: Union[Literal["auto"], List[str]] = Field(
+        "auto", description="'auto': the last conv of each head branch; or explicit module names"
+    )
+    losses: Dict[BranchType, LossSpec] = Field(default_factory=_default_losses, description="loss per branch type")
+    node_weights: Dict[str, float] = Field(default_factory=dict, description="module name -> extra weight")
+
+    @field_validator("losses")
+    @classmethod
+    def _fill_defaults(cls, v):
+        merged = _default_losses()
+        merged.update(v)
+        return merged
+
+
+class WeightQuantConfig(_Section):
+    bits: Literal[8] = 8
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+
+
+class ActivationQuantConfig(_Section):
+    bits: Literal[8] = 8
+    ema_rate: float = Field(0.9, ge=0.0, lt=1.0, description="moving-average rate of the batch abs-max")
+    pact: bool = Field(True, description="learn a clip alpha (PACT) before quantizing")
+    alpha_init: Union[Literal["auto"], float] = Field(
+        "auto", description="'auto': the calibrated abs-max; or a fixed starting clip"
+    )
+    alpha_lr: float = Field(1e-3, ge=0, description="learning rate of the PACT alphas")
+    alpha_weight_decay: float = Field(0.0, ge=0)
+
+
+class QuantConfig(_Section):
+    enabled: bool = True
+    weight: WeightQuantConfig = Field(default_factory=WeightQuantConfig)
+    activation: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig)
+    skip: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept in float")
+    calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages before training")
+    quantize_linear: bool = True
+
+
+class TrainConfig(_Section):
+    iterations: Optional[int] = Field(None, ge=1)
+    epochs: Optional[float] = Field(None, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_iters: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: Optional[float] = Field(10.0, gt=0)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    seed: int = 0
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.iterations is None and self.epochs is None:
+            self.iterations = 1000
+        if self.iterations is not None and self.epochs is not None:
+            raise ValueError("set either iterations or epochs, not both")
+        return self
+
+
+class EvalConfig(_Section):
+    data: Optional[str] = Field(None, description="labeled Ultralytics data yaml for the built-in COCO mAP")
+    split: Literal["val", "test", "train"] = "val"
+    callback: Optional[str] = Field(None, description="'package.module:function' returning a dict of floats")
+    metric: Optional[str] = Field(None, description="key of the eval result that picks best.pt (higher is better)")
+    every: int = Field(200, ge=1, description="evaluate every N iterations (and at the end)")
+    before: bool = Field(True, description="evaluate the teacher and the untrained student first")
+    imgsz: Optional[int] = None
+    batch_size: int = Field(16, ge=1)
+    max_images: Optional[int] = Field(None, ge=1)
+
+    @field_validator("callback")
+    @classmethod
+    def _callback_form(cls, v):
+        if v is not None and (":" not in v or not all(v.split(":", 1))):
+            raise ValueError("expected 'package.module:function'")
+        return v
+
+
+class ExportConfig(_Section):
+    onnx: bool = True
+    opset: int = Field(17, ge=13, le=21)
+    dynamic: bool = False
+    batch: int = Field(1, ge=1)
+    simplify: bool = True
+    parity_images: int = Field(4, ge=1)
+    parity_tolerance: float = Field(
+        1e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
+    )
+
+
+class RunConfig(_Section):
+    """A whole `act compress` run."""
+
+    model: ModelConfig
+    data: DataConfig
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    output_dir: str = "runs/act/exp"
+
+    def dump(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(d: Dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for i, k in enumerate(keys[:-1]):
+        if cur.get(k) is None:
+            cur[k] = {}
+        if not isinstance(cur[k], dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        cur = cur[k]
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """`key.sub=value` strings; values are parsed as YAML (so `3`, `true`, `[1, 2]` have their types)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=200)")
+        key, value = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(value) if value != "" else None)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "missing required key"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate_config(raw: Dict[str, Any]) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None, raw=None) -> RunConfig:
+    """Read, override and validate a run config; also checks that the files it names exist."""
+    raw = read_yaml(path) if raw is None else raw
+    raw = apply_overrides(raw, overrides or [])
+    cfg = validate_config(raw)
+    check_paths(cfg)
+    return cfg
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before any work when a file the config names is missing (names resolved elsewhere are checked there)."""
+    from act.data import resolve_source_exists
+    from teachers import resolve_teacher
+
+    resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    problem = resolve_source_exists(cfg.data.train)
+    if problem:
+        raise ConfigError(f"invalid config:\n  data.train: {problem}")
+    if cfg.eval.data and not Path(cfg.eval.data).is_file():
+        raise ConfigError(f"invalid config:\n  eval.data: file not found (got {cfg.eval.data!r})")

@@ -1,0 +1,228 @@
+"""Unlabeled images for distillation and calibration.
+
+Sources: a folder (searched recursively), a .txt list of paths (relative to the list), an Ultralytics data yaml (its
+train split), or `pkg:PACKAGE/SUBFOLDER` for images shipped inside an installed package. Images are letterboxed
+exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be read
+is skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import math
+import random
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from act.errors import DataError
+
+IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".dng", ".mpo", ".pfm", ".heic"}
+
+
+def _pkg_folder(spec: str) -> Path:
+    rest = spec[len("pkg:"):]
+    pkg, _, sub = rest.partition("/")
+    if importlib.util.find_spec(pkg) is None:
+        raise DataError(f"{spec}: Python package {pkg!r} is not installed")
+    return Path(str(importlib.resources.files(pkg))) / sub
+
+
+def _list_folder(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_SUFFIXES and p.is_file())
+
+
+def _from_yaml(path: Path, split: str = "train") -> List[Path]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict) or split not in data:
+        raise DataError(f"{path}: no '{split}' entry (expected an Ultralytics data yaml)")
+    root = Path(data.get("path") or path.parent)
+    if not root.is_absolute():
+        root = (path.parent / root).resolve() if not (Path.cwd() / root).exists() else (Path.cwd() / root)
+    entries = data[split] if isinstance(data[split], list) else [data[split]]
+    out: List[Path] = []
+    for e in entries:
+        p = Path(e)
+        p = p if p.is_absolute() else root / p
+        out += resolve_source(str(p))
+    return out
+
+
+def resolve_source(spec: str) -> List[Path]:
+    """All image paths of a source spec. Raises DataError if the source does not exist or holds no image."""
+    if spec.startswith("pkg:"):
+        p = _pkg_folder(spec)
+    else:
+        p = Path(spec).expanduser()
+    if not p.exists():
+        raise DataError(f"image source not found: {spec}")
+    if p.is_dir():
+        paths = _list_folder(p)
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        paths = _from_yaml(p)
+    elif p.suffix.lower() == ".txt":
+        paths = []
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                q = Path(line)
+                paths.append(q if q.is_absolute() else (p.parent / q))
+    elif p.suffix.lower() in IMG_SUFFIXES:
+        paths = [p]
+    else:
+        raise DataError(f"image source {spec}: expected a folder, a .txt list, a data .yaml or an image")
+    if not paths:
+        raise DataError(f"image source {spec} holds no images (looked for {', '.join(sorted(IMG_SUFFIXES))})")
+    return paths
+
+
+def resolve_source_exists(spec: str) -> Optional[str]:
+    """None if the source resolves to at least one path, else a one-line reason (for config validation)."""
+    try:
+        resolve_source(spec)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def read_image(path: Path) -> Optional[np.ndarray]:
+    """BGR uint8 HxWx3, or None if unreadable. Gray, RGBA and 16-bit images are converted by OpenCV."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+        im = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except Exception:
+        return None
+    if im is None or im.ndim != 3 or im.shape[0] < 2 or im.shape[1] < 2:
+        return None
+    return im
+
+
+def letterbox(im: np.ndarray, imgsz: int) -> np.ndarray:
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True, stride=32)(image=im)
+
+
+def to_tensor(im: np.ndarray) -> torch.Tensor:
+    """BGR HWC uint8 -> RGB CHW float in [0, 1], as Ultralytics preprocesses."""
+    return torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float() / 255.0
+
+
+def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random) -> np.ndarray:
+    size = max(32, int(round(imgsz * s)))
+    boxed = letterbox(im, size)
+    if size == imgsz:
+        return boxed
+    if size < imgsz:
+        pad = imgsz - size
+        top, left = rng.randint(0, pad), rng.randint(0, pad)
+        return cv2.copyMakeBorder(boxed, top, pad - top, left, pad - left, cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    y, x = rng.randint(0, size - imgsz), rng.randint(0, size - imgsz)
+    return boxed[y:y + imgsz, x:x + imgsz]
+
+
+class UnlabeledImages(Dataset):
+    """Letterboxed images as float tensors; an unreadable image yields (None, path)."""
+
+    def __init__(self, paths: Sequence[Path], imgsz: int, augment=None, cache: bool = False, seed: int = 0):
+        self.paths = list(paths)
+        self.imgsz = imgsz
+        self.augment = augment
+        self.cache = {} if cache else None
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Optional[np.ndarray]:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        im = read_image(self.paths[i])
+        if self.cache is not None:
+            self.cache[i] = im
+        return im
+
+    def __getitem__(self, i: int) -> Tuple[Optional[torch.Tensor], str]:
+        im = self.load(i)
+        if im is None:
+            return None, str(self.paths[i])
+        if self.augment is None:
+            return to_tensor(letterbox(im, self.imgsz)), str(self.paths[i])
+        rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seeded RNG (per worker)
+        s = rng.uniform(*self.augment.scale)
+        out = _scale_jitter(im, self.imgsz, s, rng)
+        if rng.random() < self.augment.flip:
+            out = out[:, ::-1]
+        return to_tensor(out), str(self.paths[i])
+
+
+def collate(batch):
+    """Stack the readable images; return the paths of unreadable ones alongside."""
+    good = [t for t, _ in batch if t is not None]
+    bad = [p for t, p in batch if t is None]
+    images = torch.stack(good) if good else None
+    return images, bad
+
+
+class InfiniteLoader:
+    """Cycles a DataLoader forever (a fresh shuffle each pass); yields (images, bad_paths)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator:
+        while True:
+            if hasattr(self.loader.sampler, "set_epoch"):
+                self.loader.sampler.set_epoch(self.epoch)
+            for batch in self.loader:
+                yield batch
+            self.epoch += 1
+
+
+def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True, sampler=None) -> DataLoader:
+    """DataLoader over the configured unlabeled source (act.config.DataConfig)."""
+    paths = resolve_source(cfg.train)
+    if cfg.max_images:
+        paths = paths[: cfg.max_images]
+    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=cfg.cache, seed=seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    drop_last = len(ds) >= cfg.batch_size
+    return DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=g,
+        persistent_workers=cfg.workers > 0,
+    )
+
+
+def iterations_for(cfg_train, n_images: int, batch_size: int) -> int:
+    if cfg_train.iterations is not None:
+        return cfg_train.iterations
+    return max(1, math.ceil(cfg_train.epochs * n_images / batch_size))
+
+
+def load_images(paths: Sequence[Path], imgsz: int) -> torch.Tensor:
+    """A batch of letterboxed images (no augmentation), skipping unreadable ones."""
+    ims = [read_image(Path(p)) for p in paths]
+    ims = [to_tensor(letterbox(im, imgsz)) for im in ims if im is not None]
+    if not ims:
+        raise DataError("none of the images could be read")
+    return torch.stack(ims)

@@ -1,0 +1,130 @@
+"""Metrics: the built-in COCO mAP (Ultralytics' validators, the same code as `yolo val`) and user callbacks.
+
+A callback is `package.module:function`, called as `fn(model, context)` with the student in eval mode and an
+`EvalContext`; it returns a dict of floats.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from act.errors import ActError, ConfigError
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+@dataclass
+class EvalContext:
+    device: torch.device
+    imgsz: int
+    iteration: int
+    output_dir: Optional[Path] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+# Ultralytics' result keys -> act's names
+_KEYS = {
+    "metrics/mAP50-95(P)": "pose_map50_95",
+    "metrics/mAP50(P)": "pose_map50",
+    "metrics/mAP50-95(B)": "box_map50_95",
+    "metrics/mAP50(B)": "box_map50",
+}
+
+
+def load_callback(spec: str) -> Callable:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:
+        raise ConfigError(f"invalid config:\n  eval.callback: cannot import {mod_name!r} ({type(e).__name__}: {e})")
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"invalid config:\n  eval.callback: {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def subset_data_yaml(data_yaml: str, split: str, max_images: Optional[int], workdir: Path) -> str:
+    """A copy of an Ultralytics data yaml whose `split` lists only the first `max_images` images."""
+    if not max_images:
+        return data_yaml
+    from act.data import resolve_source
+
+    src = Path(data_yaml)
+    data = yaml.safe_load(src.read_text())
+    root = Path(data.get("path") or src.parent)
+    root = root if root.is_absolute() else (src.parent / root)
+    entry = data[split]
+    images = resolve_source(str(entry if Path(entry).is_absolute() else root / entry))[:max_images]
+    workdir.mkdir(parents=True, exist_ok=True)
+    lst = workdir / f"{split}_subset.txt"
+    lst.write_text("\n".join(str(p.resolve()) for p in images) + "\n")
+    data.update({"path": str(root.resolve()), split: str(lst.resolve())})
+    out = workdir / "data_subset.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return str(out)
+
+
+class CocoEvaluator:
+    """COCO-style mAP50-95 / mAP50 of boxes (and keypoints for pose) on a labeled Ultralytics data yaml."""
+
+    def __init__(self, data: str, task: str, imgsz: int, batch_size: int = 16, max_images: Optional[int] = None,
+                 split: str = "val", workdir: Optional[Path] = None):
+        if not Path(data).is_file():
+            raise ConfigError(f"invalid config:\n  eval.data: file not found (got {data!r})")
+        self.task = task
+        self.imgsz = imgsz
+        self.batch_size = batch_size
+        self.split = split
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="act_eval_")
+            workdir = Path(self._tmp.name)
+        self.workdir = Path(workdir)
+        self.data = subset_data_yaml(data, split, max_images, self.workdir)
+
+    def _validator(self, device):
+        from ultralytics.models.yolo.detect import DetectionValidator
+        from ultralytics.models.yolo.pose import PoseValidator
+
+        cls = PoseValidator if self.task == "pose" else DetectionValidator
+        args = dict(task=self.task, data=self.data, imgsz=self.imgsz, batch=self.batch_size, split=self.split,
+                    device=str(device) if device is not None else "cpu", plots=False, save_json=False, verbose=False,
+                    project=str(self.workdir), name="val", exist_ok=True, workers=0, half=False, rect=True)
+        return cls(args=args, save_dir=self.workdir / "val")
+
+    def __call__(self, model, context: Optional[EvalContext] = None) -> Dict[str, float]:
+        """model: a torch module (evaluated on a copy), or a path to any Ultralytics-loadable artifact (.pt, .onnx,
+        .engine)."""
+        device = context.device if context else torch.device("cpu")
+        validator = self._validator(device)
+        if isinstance(model, nn.Module):
+            model = copy.deepcopy(model).eval()
+        else:
+            model = str(model)
+        from ultralytics.utils import LOGGER
+
+        level = LOGGER.level
+        LOGGER.setLevel(40)
+        try:
+            stats = validator(model=model)
+        except ActError:
+            raise
+        except Exception as e:
+            raise ActError(f"evaluation on {self.data} failed: {type(e).__name__}: {e}") from e
+        finally:
+            LOGGER.setLevel(level)
+        return {act: float(stats[k]) for k, act in _KEYS.items() if k in stats}
+
+
+def default_metric(task: str) -> str:
+    return "pose_map50_95" if task == "pose" else "box_map50_95"

@@ -1,0 +1,147 @@
+"""Q/DQ ONNX export of a fake-quantized student, with Ultralytics metadata, and the onnxruntime parity check.
+
+torch's fake_quantize_per_* ops export to QuantizeLinear/DequantizeLinear pairs (int8, zero point 0; weights
+per-channel on axis 0). The head is switched to Ultralytics' export mode, so the file holds the float decode and
+one output (B, 4+nc(+nk), anchors), as `yolo export format=onnx` gives, and `YOLO("student.onnx")` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from act.errors import ActError, ParityError
+
+
+def _export_copy(student: nn.Module) -> nn.Module:
+    """CPU FP32 eval copy, hooks removed, quantizer scales frozen to constants."""
+    from act.quant import freeze
+
+    model = copy.deepcopy(student).cpu().float().eval()
+    for m in model.modules():
+        m._forward_hooks.clear()
+    return freeze(model)
+
+
+def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int = 1, opset: int = 17,
+                dynamic: bool = False, metadata: Optional[Dict] = None) -> Path:
+    from ultralytics.utils.export.engine import torch2onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _export_copy(student)
+    family.prepare_for_export(model, dynamic=dynamic)
+    im = torch.zeros(batch, 3, imgsz, imgsz)
+    with torch.no_grad():
+        model(im)  # dry run: builds the anchors for this shape
+    axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
+    tmp = path.with_suffix(".tmp.onnx")
+    try:
+        torch2onnx(model, im, tmp, opset=opset, input_names=["images"], output_names=["output0"], dynamic=axes)
+        proto = onnx.load(str(tmp))
+        meta = family.export_metadata(model, imgsz, batch, metadata)
+        meta["args"]["dynamic"] = dynamic
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, str(v)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(path))
+    except onnx.checker.ValidationError as e:
+        raise ActError(f"exported ONNX failed onnx.checker: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def torch_outputs(student: nn.Module, family, images: torch.Tensor) -> np.ndarray:
+    """The student's exported-form output (decoded head) on `images`, in torch."""
+    model = _export_copy(student)
+    family.prepare_for_export(model)
+    with torch.no_grad():
+        out = model(images.float().cpu())
+    return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+
+
+def onnx_outputs(path: Path, images: torch.Tensor, batch: Optional[int] = None, exact: bool = True) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if exact:
+        # No graph rewrites: Q/DQ run as written (float emulation), which is what the torch fake-quant computes.
+        # With optimizations on, onnxruntime fuses DQ->Conv->Q into integer kernels (QLinearConv) with their own
+        # rounding of bias and output, as a deployment runtime would.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    x = images.float().cpu().numpy()
+    step = fixed or batch or len(x)
+    outs = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        if fixed and len(chunk) < fixed:  # pad the last chunk for a fixed-batch model
+            chunk = np.concatenate([chunk, np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        outs.append(sess.run(None, {inp.name: chunk})[0][: len(x) - i])
+    return np.concatenate(outs)
+
+
+def parity(student: nn.Module, path: Path, family, images: torch.Tensor, tolerance: float = 1e-2,
+           raise_on_fail: bool = True) -> Dict[str, float]:
+    """Compare onnxruntime with the torch student on real images.
+
+    Fake-quant in torch and QuantizeLinear in onnxruntime round the same way, but float sums differ in the last bits,
+    so a value on a rounding boundary can land one quantization step apart and the flip travels downstream. The check
+    therefore bounds the relative L2 error (default 1%) and reports the worst element too.
+    """
+    t = torch_outputs(student, family, images)
+    o = onnx_outputs(path, images)
+    if t.shape != o.shape:
+        raise ParityError(f"ONNX output shape {o.shape} != torch output shape {t.shape}")
+    diff = o.astype(np.float64) - t.astype(np.float64)
+    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(t), 1e-12))
+    opt = onnx_outputs(path, images, exact=False).astype(np.float64)
+    rel_opt = float(np.linalg.norm(opt - t) / max(np.linalg.norm(t), 1e-12))
+    res = {
+        "images": int(len(images)),
+        "rel_l2": rel,
+        "rel_l2_ort_optimized": rel_opt,
+        "max_abs": float(np.abs(diff).max()),
+        "mean_abs": float(np.abs(diff).mean()),
+        "tolerance": tolerance,
+        "passed": bool(rel <= tolerance),
+    }
+    if raise_on_fail and not res["passed"]:
+        raise ParityError(
+            f"{path}: onnxruntime disagrees with the torch student beyond rounding: relative L2 error {rel:.3g} > "
+            f"{tolerance:g} (max abs {res['max_abs']:.3g}). The export is not trustworthy."
+        )
+    return res
+
+
+def qdq_summary(path: Path) -> Dict[str, int]:
+    """Counts of Q/DQ nodes and quantized convs in an ONNX file."""
+    g = onnx.load(str(path)).graph
+    producers = {o: n for n in g.node for o in n.output}
+    ops = [n.op_type for n in g.node]
+    conv_total = conv_q = 0
+    for n in g.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        conv_total += 1
+        srcs = [producers.get(i) for i in n.input[:2]]
+        if all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
+            conv_q += 1
+    return {
+        "QuantizeLinear": ops.count("QuantizeLinear"),
+        "DequantizeLinear": ops.count("DequantizeLinear"),
+        "conv_total": conv_total,
+        "conv_quantized": conv_q,
+    }

@@ -1,0 +1,151 @@
+"""Ultralytics YOLOv8 / YOLO11 (detect and pose): loading, head branches, float-only layers, export metadata."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from act.errors import ModelError
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics must never reach for the network from act
+
+SUPPORTED_HEADS = ("Detect", "Pose")
+
+# Branch attributes of the head, in the order Ultralytics concatenates them.
+BRANCHES = {"cv2": "box", "cv3": "cls", "cv4": "kpt"}
+
+
+class UltralyticsYOLO:
+    name = "ultralytics-yolo"
+
+    # The decode stays in float: DFL's fixed conv, and everything after the last conv of each branch
+    # (sigmoid, anchor/stride arithmetic) is not a conv and so is never quantized.
+    float_patterns = ("*.dfl", "*.dfl.*")
+
+    # ---- loading -------------------------------------------------------------------------------------------------
+    def load(self, path: Path, kind: str = "pt") -> nn.Module:
+        """Load an Ultralytics checkpoint (or build a yaml) and return its nn.Module in FP32, eval mode."""
+        from ultralytics import YOLO
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        if kind == "pt":
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:  # not a torch file at all
+                raise ModelError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
+                found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+                raise ModelError(
+                    f"{path} is not an Ultralytics checkpoint: expected a dict with a 'model' module, found {found}"
+                )
+        try:
+            model = YOLO(str(path)).model
+        except Exception as e:
+            raise ModelError(f"Ultralytics could not load {path}: {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{path} did not load as a torch model (got {type(model).__name__})")
+        self.check_supported(model, path)
+        model = model.float().eval()
+        return model
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return model.model[-1]
+
+    def check_supported(self, model: nn.Module, where="model") -> None:
+        seq = getattr(model, "model", None)
+        if not isinstance(seq, nn.Sequential) or len(seq) == 0:
+            raise ModelError(f"{where}: not an Ultralytics detection model (no layer sequence found)")
+        head = seq[-1]
+        kind = type(head).__name__
+        if kind not in SUPPORTED_HEADS:
+            raise ModelError(
+                f"{where}: unsupported head {kind!r}; act supports Ultralytics {' and '.join(SUPPORTED_HEADS)} heads"
+            )
+        if getattr(head, "one2one_cv2", None) is not None:
+            raise ModelError(f"{where}: end-to-end (NMS-free) {kind} heads are not supported yet")
+
+    def task(self, model: nn.Module) -> str:
+        return "pose" if type(self.head(model)).__name__ == "Pose" else "detect"
+
+    # ---- knowledge used by compression --------------------------------------------------------------------------
+    def head_branches(self, model: nn.Module) -> List[Tuple[str, str, int]]:
+        """(module name, branch type, level) of the last conv of each head branch: box/cls(/kpt) x every stride."""
+        head = self.head(model)
+        head_name = self._name_of(model, head)
+        out = []
+        for attr, kind in BRANCHES.items():
+            branch = getattr(head, attr, None)
+            if branch is None:
+                continue
+            for level, seq in enumerate(branch):
+                last = seq[-1]
+                if not isinstance(last, nn.Conv2d):
+                    raise ModelError(f"{head_name}.{attr}.{level}: expected the branch to end in a Conv2d")
+                out.append((f"{head_name}.{attr}.{level}.{len(seq) - 1}", kind, level))
+        return out
+
+    @staticmethod
+    def _name_of(model: nn.Module, module: nn.Module) -> str:
+        for n, m in model.named_modules():
+            if m is module:
+                return n
+        raise ModelError("head module not found in model")
+
+    def prepare_for_export(self, model: nn.Module, dynamic: bool = False) -> None:
+        """Switch the head to export mode: one decoded output tensor (B, 4+nc(+nk), anchors)."""
+        head = self.head(model)
+        head.export = True
+        head.format = "onnx"
+        head.dynamic = dynamic
+        for m in model.modules():
+            if hasattr(m, "export") and m is not head:
+                try:
+                    m.export = True
+                except Exception:
+                    pass
+
+    def restore_after_export(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if hasattr(m, "export"):
+                try:
+                    m.export = False
+                except Exception:
+                    pass
+        head = self.head(model)
+        head.format = None
+        head.dynamic = False
+
+    def export_metadata(self, model: nn.Module, imgsz: int, batch: int, extra: Dict | None = None) -> Dict:
+        """Ultralytics' own export metadata, so that `YOLO('student.onnx')` knows task, names, stride, kpt_shape."""
+        from ultralytics import __version__
+
+        head = self.head(model)
+        meta = {
+            "description": f"act INT8 Q/DQ student of Ultralytics {Path(str(model.yaml.get('yaml_file', 'YOLO'))).stem}",
+            "author": "act (Ultralytics-compatible)",
+            "date": datetime.now().astimezone().isoformat(),
+            "version": __version__,
+            "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+            "docs": "https://docs.ultralytics.com",
+            "stride": int(max(model.stride)),
+            "task": self.task(model),
+            "head": type(head).__name__,
+            "batch": batch,
+            "imgsz": [imgsz, imgsz],
+            "names": model.names,
+            "args": {"batch": batch, "half": False, "int8": True, "dynamic": False, "nms": False},
+            "channels": model.yaml.get("channels", 3),
+            "end2end": False,
+        }
+        if meta["task"] == "pose":
+            meta["kpt_shape"] = list(head.kpt_shape)
+        if extra:
+            meta.update(extra)
+        return meta
