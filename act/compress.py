@@ -309,6 +309,7 @@ class AutoCompression:
         self.history: List[Dict[str, Any]] = []
         self.bad_images: List[str] = []
         self.nonfinite_steps = 0
+        self.loss_history: List[float] = []  # loss of every step of this process (for scripts and tests)
         log = RunLogger(self.out / "tensorboard")
         start = 0
         batches = self._batches()
@@ -337,6 +338,7 @@ class AutoCompression:
             while it < self.total_iters:
                 images = next(batches)
                 stats = self.train_step(images)
+                self.loss_history.append(stats["loss"])
                 it += 1
                 seen += len(images)
                 bar.update(1)

@@ -41,15 +41,14 @@ def _weights_dirs():
     return dirs
 
 
-def _ultralytics_model_yaml(name: str) -> Optional[Path]:
-    """Ultralytics' own architecture yamls (e.g. yolov8n-pose.yaml), found offline in its package."""
-    from ultralytics.nn.tasks import yaml_model_load  # noqa: F401  (import proves ultralytics is installed)
-    from ultralytics.utils.checks import check_yaml
+def _is_ultralytics_model_yaml(name: str) -> bool:
+    """Ultralytics' own architecture yamls (e.g. yolov8n-pose.yaml: scale 'n' of yolov8-pose.yaml), offline."""
+    from ultralytics.nn.tasks import yaml_model_load
 
     try:
-        return Path(check_yaml(name, hard=False) or "") if check_yaml(name, hard=False) else None
+        return bool(yaml_model_load(name))
     except Exception:
-        return None
+        return False
 
 
 def resolve_teacher(name: str) -> TeacherSource:
@@ -58,9 +57,8 @@ def resolve_teacher(name: str) -> TeacherSource:
     if p.suffix in (".yaml", ".yml"):
         if p.is_file():
             return TeacherSource(name, p, "yaml")
-        found = _ultralytics_model_yaml(p.name)
-        if found and found.is_file():
-            return TeacherSource(name, found, "yaml")
+        if _is_ultralytics_model_yaml(p.name):
+            return TeacherSource(name, Path(p.name), "yaml")
         raise ModelError(f"model yaml not found: {name}")
     if p.suffix and p.is_file():
         return TeacherSource(name, p, "pt")

@@ -33,7 +33,7 @@ class UltralyticsYOLO:
         from ultralytics import YOLO
 
         path = Path(path)
-        if not path.is_file():
+        if kind == "pt" and not path.is_file():
             raise ModelError(f"model file not found: {path}")
         if kind == "pt":
             try:
