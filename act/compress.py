@@ -101,6 +101,8 @@ class AutoCompression:
     def setup(self):
         cfg = self.cfg
         self.device = select_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)
         self.task = self.family.task(self.teacher)

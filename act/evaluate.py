@@ -97,9 +97,10 @@ class CocoEvaluator:
         from ultralytics.models.yolo.pose import PoseValidator
 
         cls = PoseValidator if self.task == "pose" else DetectionValidator
+        dev = "cpu" if device is None or torch.device(device).type == "cpu" else str(torch.device(device).index or 0)
         args = dict(task=self.task, data=self.data, imgsz=self.imgsz, batch=self.batch_size, split=self.split,
-                    device=str(device) if device is not None else "cpu", plots=False, save_json=False, verbose=False,
-                    project=str(self.workdir), name="val", exist_ok=True, workers=0, half=False, rect=True)
+                    device=dev, plots=False, save_json=False, verbose=False,
+                    project=str(self.workdir), name="val", exist_ok=True, workers=0, rect=True)
         return cls(args=args, save_dir=self.workdir / "val")
 
     def __call__(self, model, context: Optional[EvalContext] = None) -> Dict[str, float]:
