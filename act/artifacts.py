@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from act.errors import ActError, ConfigError, ModelError
+from act.errors import ConfigError, ModelError
 
 TORCH_SUFFIXES = {".pt", ".pth"}
 

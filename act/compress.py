@@ -428,7 +428,8 @@ class AutoCompression:
                     log.scalars("eval", res, it)
                     self.history.append({"iteration": it, "eval": res})
                     bar.write(f"act: iteration {it}: {_fmt(res)}")
-                    if self.metric and (self.best_metric is None or res[self.metric] > self.best_metric):
+                    if self.metric and (self.best_metric is None or math.isnan(self.best_metric)
+                                        or res[self.metric] > self.best_metric):
                         self.best_metric, self.best_iteration = res[self.metric], it
                         self.save("best.pt", it, training_state=False)
                 if it % self.cfg.train.checkpoint_every == 0 or is_last:

@@ -21,7 +21,7 @@ import contextlib
 import io
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,14 +71,13 @@ class _Runner:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
-        """(decoded output on CPU, {node: feature} on the model's device or {})."""
+        """(decoded output, {node: feature} or {}), on the model's device."""
         x = x.to(self.device)
         if self.step and len(x) > self.step:
-            outs = [_decoded(self.module(c)).float().cpu() for c in x.split(self.step)]
-            return torch.cat(outs), {}
+            return torch.cat([_decoded(self.module(c)).float() for c in x.split(self.step)]), {}
         y = _decoded(self.module(x))
         feats = self.capture.pop() if self.capture else {}
-        return y.float().cpu(), feats
+        return y.float(), feats
 
     def close(self) -> None:
         if self.capture:
@@ -137,8 +136,11 @@ class FidelityEvaluator:
                 if t_y.shape != s_y.shape:
                     raise ActError(f"fidelity: the model's output {tuple(s_y.shape)} does not match the teacher's "
                                    f"{tuple(t_y.shape)} (same task, classes and image size?)")
-                gts += non_max_suppression(t_y, self.teacher_conf, NMS_IOU, nc=self.nc, max_det=MAX_DET)
-                dts += non_max_suppression(s_y, STUDENT_CONF, NMS_IOU, nc=self.nc, multi_label=True, max_det=MAX_DET)
+                s_y = s_y.to(t_y.device)
+                gts += [d.cpu() for d in non_max_suppression(t_y, self.teacher_conf, NMS_IOU, nc=self.nc,
+                                                             max_det=MAX_DET)]
+                dts += [d.cpu() for d in non_max_suppression(s_y, STUDENT_CONF, NMS_IOU, nc=self.nc,
+                                                             multi_label=True, max_det=MAX_DET)]
                 for n in names:
                     if n in t_f and n in s_f and t_f[n].shape == s_f[n].shape:
                         t, s = t_f[n].double(), s_f[n].to(t_f[n].device).double()

@@ -45,8 +45,8 @@ COLUMNS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/coco-pose-mini"),
-                   help="coco-pose-mini folder (or its data.yaml)")
+    p.add_argument("--data", default=None, help="coco-pose-mini folder (or its data.yaml); default: "
+                                                "../shared/data/coco-pose-mini, else ./shared/data/coco-pose-mini")
     p.add_argument("--out", default="results", help="output folder for the table, the JSON and the runs")
     p.add_argument("--config", default=str(ROOT / "configs/yolo11n_pose_qat_mini.yaml"), help="QAT / PTQ recipe")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: imgsz 160, a few images, 3 QAT iterations")
@@ -74,7 +74,9 @@ class Bench:
 
         self.args = args
         q = args.quick
-        data = Path(args.data)
+        data = Path(args.data) if args.data else next(
+            (d for d in (ROOT.parent / "shared/data/coco-pose-mini", ROOT / "shared/data/coco-pose-mini")
+             if d.is_dir()), ROOT.parent / "shared/data/coco-pose-mini")
         self.data_yaml = str(data / "data.yaml" if data.is_dir() else data)
         if not Path(self.data_yaml).is_file():
             raise SystemExit(f"benchmark: data yaml not found: {self.data_yaml} (need coco-pose-mini; see --data)")
