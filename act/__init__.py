@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from act.compress import AutoCompression  # noqa: E402
 from act.config import RunConfig, load_config  # noqa: E402
+from act.ptq import PostTrainingQuantization  # noqa: E402
 from act.quant import calibrate, quantize  # noqa: E402
 
-__all__ = ["AutoCompression", "RunConfig", "load_config", "quantize", "calibrate", "__version__"]
+__all__ = ["AutoCompression", "PostTrainingQuantization", "RunConfig", "load_config", "quantize", "calibrate",
+           "__version__"]

@@ -19,6 +19,27 @@ def _compress(args) -> int:
     return 0
 
 
+def _ptq(args) -> int:
+    from act.ptq import PostTrainingQuantization
+
+    PostTrainingQuantization(args.config, overrides=args.overrides).run(exist_ok=args.exist_ok)
+    return 0
+
+
+def _eval(args) -> int:
+    from act.artifacts import evaluate_artifacts, markdown_table, write_json
+
+    rows = evaluate_artifacts(args.models, data=args.data, imgsz=args.imgsz, batch=args.batch,
+                              max_images=args.max_images, split=args.split, teacher=args.teacher,
+                              fidelity_images=args.fidelity_images, fidelity_source=args.fidelity_source,
+                              device=args.device, rect=args.rect)
+    print(markdown_table(rows))
+    if args.json:
+        write_json({"data": args.data, "split": args.split, "teacher": args.teacher, "rows": rows}, args.json)
+        print(f"act: wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="act", description="Auto-compression for Ultralytics YOLO models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -29,6 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another run")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=200 data.imgsz=320")
     c.set_defaults(func=_compress)
+
+    q = sub.add_parser("ptq", help="post-training quantization: calibrate activation ranges (no training) -> Q/DQ ONNX")
+    q.add_argument("--config", required=True, help="run config YAML; its ptq section picks the calibrator")
+    q.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another PTQ run")
+    q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ptq.calibrator=entropy ptq.num_images=512")
+    q.set_defaults(func=_ptq)
+
+    e = sub.add_parser("eval", help="evaluate teachers, act checkpoints and exported models with one metric code")
+    e.add_argument("models", nargs="+", metavar="MODEL",
+                   help="teacher name, Ultralytics .pt, act checkpoint (best.pt / ptq.pt), or exported .onnx")
+    e.add_argument("--data", help="labeled Ultralytics data yaml for COCO mAP")
+    e.add_argument("--split", default="val", choices=["val", "test", "train"])
+    e.add_argument("--imgsz", type=int, help="default: the model's own (export metadata / checkpoint), else 640")
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--max-images", type=int, help="evaluate on the first N images of the split")
+    e.add_argument("--teacher", help="teacher for label-free fidelity (name or .pt)")
+    e.add_argument("--fidelity-images", type=int, default=64)
+    e.add_argument("--fidelity-source", help="unlabeled images for fidelity; default: --data's train split, its "
+                                             "held-out slice (the last --fidelity-images images)")
+    e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N'")
+    e.add_argument("--rect", action="store_true", help="rectangular batches for torch models (as `yolo val`); "
+                                                       "default: square letterbox for all, comparable with exports")
+    e.add_argument("--json", help="also write the rows to this JSON file")
+    e.set_defaults(func=_eval)
     return p
 
 

@@ -26,12 +26,14 @@ from torch import nn
 from act import quant as Q
 from act.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from act.config import RunConfig, load_config, validate_config
-from act.data import InfiniteLoader, build_loader, iterations_for, load_images, resolve_source
+from act.data import InfiniteLoader, build_loader, iterations_for, load_images, resolve_source, split_holdout
 from act.distill import DistillLoss, FeatureCapture, find_nodes
 from act.errors import ActError, ConfigError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
 from act.export import export_onnx, parity, qdq_summary
+from act.fidelity import FidelityEvaluator
 from act.monitor import RunLogger
+from act.quant.calib import get_ranges, set_ranges
 from teachers import family_for, resolve_teacher
 
 
@@ -50,18 +52,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_teacher(cfg: RunConfig):
-    """(teacher module fused/frozen/eval, family, source)."""
-    src = resolve_teacher(cfg.model.teacher)
+def load_frozen(name: str):
+    """(model fused/frozen/eval, family, source) for a teacher name or an Ultralytics .pt / model yaml."""
+    src = resolve_teacher(name)
     family = family_for(None)
     model = family.load(src.path, src.kind)
-    task = family.task(model)
-    if cfg.model.task != "auto" and cfg.model.task != task:
-        raise ConfigError(f"invalid config:\n  model.task: {cfg.model.task!r}, but {src.path} is a {task} model")
     model.fuse(verbose=False)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model, family, src
+
+
+def load_teacher(cfg: RunConfig):
+    """(teacher module fused/frozen/eval, family, source)."""
+    model, family, src = load_frozen(cfg.model.teacher)
+    task = family.task(model)
+    if cfg.model.task != "auto" and cfg.model.task != task:
+        raise ConfigError(f"invalid config:\n  model.task: {cfg.model.task!r}, but {src.path} is a {task} model")
     return model, family, src
 
 
@@ -99,6 +107,13 @@ class AutoCompression:
 
     # ------------------------------------------------------------------------------------------------------------
     def setup(self):
+        self.setup_models()
+        self.setup_data()
+        self.setup_eval()
+        self.setup_optimizer()
+
+    def setup_models(self) -> None:
+        """Teacher (frozen), fake-quantized student, distillation nodes and their capture hooks, on the device."""
         cfg = self.cfg
         self.device = select_device(cfg.train.device)
         if self.device.type == "cuda":
@@ -115,26 +130,57 @@ class AutoCompression:
         names = [n.name for n in self.nodes]
         self.t_capture = FeatureCapture(self.teacher, names)
         self.s_capture = FeatureCapture(self.student, names)
-        # data
+
+    def setup_pool(self) -> None:
+        """The unlabeled pool, less the held-out fidelity slice (its last eval.fidelity.images images)."""
+        cfg = self.cfg
+        fid = cfg.eval.fidelity
+        self.fidelity_paths: List[Path] = []
+        self.fidelity_held_out = True
+        if fid.enabled and fid.source:
+            self.pool = None
+            self.fidelity_paths = resolve_source(fid.source)[: fid.images]
+        elif fid.enabled:
+            self.pool, self.fidelity_paths, self.fidelity_held_out = split_holdout(resolve_source(cfg.data.train),
+                                                                                    fid.images)
+        else:
+            self.pool = None  # build_loader resolves data.train itself
+
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        self.setup_pool()
         if self.user_loader is None:
-            self.loader = build_loader(cfg.data, seed=cfg.train.seed)
+            self.loader = build_loader(cfg.data, seed=cfg.train.seed, paths=self.pool)
             n_images = len(self.loader.dataset)
         else:
             self.loader = self.user_loader
             n_images = len(getattr(self.user_loader, "dataset", [])) or cfg.data.batch_size
         self.total_iters = iterations_for(cfg.train, n_images, cfg.data.batch_size)
-        # evaluation
+
+    def setup_eval(self) -> None:
+        cfg = self.cfg
+        imgsz = cfg.eval.imgsz or cfg.data.imgsz
         self.evaluators: List[Callable] = []
         if cfg.eval.data:
-            self.evaluators.append(CocoEvaluator(cfg.eval.data, self.task, cfg.eval.imgsz or cfg.data.imgsz,
+            self.evaluators.append(CocoEvaluator(cfg.eval.data, self.task, imgsz,
                                                  cfg.eval.batch_size, cfg.eval.max_images, cfg.eval.split,
                                                  workdir=self.out / "eval"))
+        if cfg.eval.fidelity.enabled and self.fidelity_paths:
+            fid = cfg.eval.fidelity
+            self.evaluators.append(FidelityEvaluator.from_paths(
+                self.teacher, self.fidelity_paths, imgsz, self.task, nodes=self.nodes,
+                batch_size=fid.batch_size or cfg.eval.batch_size, teacher_conf=fid.teacher_conf,
+                held_out=self.fidelity_held_out))
         if cfg.eval.callback:
             self.evaluators.append(load_callback(cfg.eval.callback))
         if self.user_eval is not None:
             self.evaluators.append(self.user_eval)
         self.metric = cfg.eval.metric or (default_metric(self.task) if cfg.eval.data else None)
-        # optimizer: weights/biases at lr, PACT alphas at their own lr
+        self.eval_time = 0.0
+
+    def setup_optimizer(self) -> None:
+        """Weights/biases at lr, PACT alphas at their own lr; scheduler; AMP."""
+        cfg = self.cfg
         alphas = [p for n, p in self.student.named_parameters() if n.endswith(".alpha")]
         weights = [p for n, p in self.student.named_parameters() if not n.endswith(".alpha")]
         groups = [{"params": weights, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "weights"}]
@@ -178,6 +224,10 @@ class AutoCompression:
                 return
 
     def calibrate(self, batches) -> None:
+        """Initial activation ranges: from quant.init_from's checkpoint, else the moving average over calib_batches."""
+        if self.cfg.quant.enabled and self.cfg.quant.init_from:
+            self.init_ranges_from(Path(self.cfg.quant.init_from))
+            return
         n = self.cfg.quant.calib_batches
         if not self.cfg.quant.enabled or n == 0:
             if self.cfg.quant.enabled:
@@ -192,9 +242,23 @@ class AutoCompression:
         init_alpha = self.cfg.quant.activation.alpha_init == "auto"
         Q.calibrate(self.student, loop, init_alpha=init_alpha)
 
+    def init_ranges_from(self, path: Path) -> None:
+        """Start every activation quantizer (moving average and PACT alpha) at the range it has in an act checkpoint
+        of the same teacher, e.g. the ptq.pt of `act ptq`."""
+        ckpt = load_checkpoint(path)
+        theirs = Path(str(ckpt["act"].get("teacher", ""))).name
+        if theirs != self.source.path.name:
+            raise ConfigError(f"invalid config:\n  quant.init_from: {path} was calibrated for teacher {theirs!r}, this "
+                              f"run's teacher is {self.source.path.name!r}")
+        try:
+            set_ranges(self.student, get_ranges(ckpt["model"]))
+        except ActError as e:
+            raise ConfigError(f"invalid config:\n  quant.init_from: {path}: {e}") from None
+
     def evaluate(self, model: nn.Module, iteration: int) -> Dict[str, float]:
         if not self.evaluators:
             return {}
+        t0 = time.time()
         ctx = EvalContext(self.device, self.cfg.eval.imgsz or self.cfg.data.imgsz, iteration, self.out)
         was = model.training
         model.eval()
@@ -207,42 +271,44 @@ class AutoCompression:
                 results.update({k: float(v) for k, v in r.items()})
         finally:
             model.train(was)
+            self.eval_time += time.time() - t0
         if self.metric and self.metric not in results:
             raise ConfigError(f"invalid config:\n  eval.metric: {self.metric!r} is not among the eval results "
                               f"{sorted(results)}")
         return results
 
     # ------------------------------------------------------------------------------------------------------------
-    def state(self, iteration: int) -> Dict[str, Any]:
-        return {
+    def state(self, iteration: int, training_state: bool = True) -> Dict[str, Any]:
+        st = {
             "iteration": iteration,
             "total_iters": self.total_iters,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
             "best_iteration": self.best_iteration,
             "history": self.history,
             "bad_images": self.bad_images,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
             "config": self.cfg.dump(),
             "teacher": str(self.source.path),
             "nodes": [n.name for n in self.nodes],
         }
+        if training_state:
+            st.update({
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+            })
+        return st
 
     def save(self, name: str, iteration: int, training_state: bool = True) -> Path:
         """last.pt carries the optimizer/scheduler for --resume; best.pt only the student and its metrics."""
         path = self.out / name
         train_args = {"task": self.task, "imgsz": self.cfg.data.imgsz, "model": str(self.source.path)}
-        state = self.state(iteration)
-        if not training_state:
-            for k in ("optimizer", "scheduler", "scaler", "rng"):
-                state.pop(k)
+        state = self.state(iteration, training_state)
         atomic_save(make_checkpoint(self.student, state, train_args), path)
         return path
 
@@ -292,11 +358,12 @@ class AutoCompression:
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
 
-    def _prepare_output(self, resume: bool, exist_ok: bool) -> None:
-        marker = self.out / "last.pt"
+    def _prepare_output(self, resume: bool, exist_ok: bool, marker_name: str = "last.pt") -> None:
+        marker = self.out / marker_name
         if not resume and marker.exists() and not exist_ok:
-            raise ActError(f"output_dir {self.out} already holds a run (last.pt). Resume it with --resume, or pass "
-                           f"--exist-ok to overwrite, or set output_dir=...")
+            how = "Resume it with --resume, or pass" if marker_name == "last.pt" else "Pass"
+            raise ActError(f"output_dir {self.out} already holds a run ({marker_name}). {how} --exist-ok to overwrite, "
+                           f"or set output_dir=...")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.dump(), sort_keys=False))
 
@@ -311,7 +378,11 @@ class AutoCompression:
         self.history: List[Dict[str, Any]] = []
         self.bad_images: List[str] = []
         self.nonfinite_steps = 0
+<<<<<<< HEAD
         self.loss_history: List[float] = []  # loss of every step of this process (for scripts and tests)
+=======
+        self.calibrate_time = 0.0
+>>>>>>> ptq-eval
         log = RunLogger(self.out / "tensorboard")
         start = 0
         batches = self._batches()
@@ -321,13 +392,16 @@ class AutoCompression:
             print(f"act: resuming {self.out} at iteration {start}/{self.total_iters}")
             before = self.history[0].get("before", {}) if self.history else {}
         else:
+            t_cal = time.time()
             self.calibrate(batches)
+            self.calibrate_time = time.time() - t_cal
             if self.cfg.eval.before and self.evaluators:
                 before["teacher"] = self.evaluate(self.teacher, 0)
                 before["student_init"] = self.evaluate(self.student, 0)
                 log.scalars("eval_before/teacher", before["teacher"], 0)
                 log.scalars("eval_before/student", before["student_init"], 0)
-                print(f"act: teacher {_fmt(before['teacher'])} | student before training {_fmt(before['student_init'])}")
+                head = f"act: teacher {_fmt(before['teacher'])} | " if before["teacher"] else "act: "
+                print(f"{head}student before training {_fmt(before['student_init'])}")
             self.history.append({"iteration": 0, "before": before})
 
         self.student.train()
@@ -335,12 +409,20 @@ class AutoCompression:
                    disable=os.environ.get("ACT_NO_PROGRESS") == "1")
         it = start
         seen, t_last = 0, time.time()
+        step_time, step_images = 0.0, 0
         interrupted = False
         try:
             while it < self.total_iters:
+                t_step = time.time()
                 images = next(batches)
+<<<<<<< HEAD
                 stats = self.train_step(images)
                 self.loss_history.append(stats["loss"])
+=======
+                stats = self.train_step(images)  # ends with float(loss): the step has finished on the device
+                step_time += time.time() - t_step
+                step_images += len(images)
+>>>>>>> ptq-eval
                 it += 1
                 seen += len(images)
                 bar.update(1)
@@ -357,7 +439,8 @@ class AutoCompression:
                     log.scalars("eval", res, it)
                     self.history.append({"iteration": it, "eval": res})
                     bar.write(f"act: iteration {it}: {_fmt(res)}")
-                    if self.metric and (self.best_metric is None or res[self.metric] > self.best_metric):
+                    if self.metric and (self.best_metric is None or math.isnan(self.best_metric)
+                                        or res[self.metric] > self.best_metric):
                         self.best_metric, self.best_iteration = res[self.metric], it
                         self.save("best.pt", it, training_state=False)
                 if it % self.cfg.train.checkpoint_every == 0 or is_last:
@@ -375,14 +458,22 @@ class AutoCompression:
             self.best_iteration = it
             self.save("best.pt", it, training_state=False)
         train_time = time.time() - t0
-
-        summary = self.finish(log, before, it, train_time)
+        extra = {
+            "time_s": {"calibrate": round(self.calibrate_time, 2), "steps": round(step_time, 2),
+                       "compress": round(self.calibrate_time + step_time, 2), "eval": round(self.eval_time, 2)},
+            "speed": {"train_images_per_s": round(step_images / step_time, 2) if step_time > 0 else None},
+            "quant_init": ({"from": self.cfg.quant.init_from} if self.cfg.quant.init_from
+                           else {"ema_batches": self.cfg.quant.calib_batches}),
+        }
+        summary = self.finish(log, before, it, train_time, extra=extra)
         log.close()
         return summary
 
-    def finish(self, log, before, it: int, train_time: float) -> Dict[str, Any]:
+    def finish(self, log, before, it: int, train_time: float, checkpoint: str = "best.pt",
+               extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Summary, Q/DQ ONNX export of `checkpoint` and its parity check; writes summary.json."""
         cfg = self.cfg
-        best = load_checkpoint(self.out / "best.pt")
+        best = load_checkpoint(self.out / checkpoint)
         best_student = best["model"].to(self.device)
         after = self.history[-1].get("eval", {}) if len(self.history) > 1 else {}
         best_eval = next((h["eval"] for h in self.history if h.get("iteration") == self.best_iteration and "eval" in h),
@@ -401,6 +492,14 @@ class AutoCompression:
             "nonfinite_steps": self.nonfinite_steps,
             "settings": cfg.dump(),
         }
+        if self.fidelity_paths:
+            summary["fidelity_images"] = {"count": len(self.fidelity_paths), "held_out": self.fidelity_held_out,
+                                          "first": str(self.fidelity_paths[0])}
+        for k, v in (extra or {}).items():
+            if isinstance(v, dict) and isinstance(summary.get(k), dict):
+                summary[k].update(v)
+            else:
+                summary[k] = v
         if self.bad_images:
             (self.out / "bad_images.txt").write_text("\n".join(self.bad_images) + "\n")
         if cfg.export.onnx:
@@ -437,4 +536,5 @@ class AutoCompression:
 
 
 def _fmt(d: Dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in d.items()) or "(no metrics)"
+    """The headline metrics; the per-node details (keys with a '/') go to TensorBoard and summary.json only."""
+    return ", ".join(f"{k}={v:.4f}" for k, v in d.items() if "/" not in k) or "(no metrics)"

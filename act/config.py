@@ -125,6 +125,10 @@ class QuantConfig(_Section):
     activation: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig)
     skip: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept in float")
     calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages before training")
+    init_from: Optional[str] = Field(
+        None, description="an act checkpoint (e.g. an `act ptq` output's ptq.pt) whose calibrated activation ranges "
+                          "start the moving averages and PACT alphas, instead of calibrating on calib_batches"
+    )
     quantize_linear: bool = True
 
 
@@ -154,6 +158,34 @@ class TrainConfig(_Section):
         return self
 
 
+Calibrator = Literal["minmax", "percentile", "mse", "entropy"]
+
+
+class PTQConfig(_Section):
+    """`act ptq`: activation ranges from a calibrator over histograms of |x|, no training."""
+
+    calibrator: Calibrator = Field(
+        "percentile", description="minmax: abs-max over all images; percentile: that percentile of |x|; mse: the clip "
+                                  "minimising the quantization MSE; entropy: TensorRT's KL-divergence calibration"
+    )
+    percentile: float = Field(99.99, gt=0, le=100, description="for calibrator=percentile")
+    num_images: int = Field(256, ge=1, description="calibration images, the first ones of the pool (no augmentation)")
+    batch_size: Optional[int] = Field(None, ge=1, description="default: data.batch_size")
+    bins: int = Field(2048, ge=256, le=65536, description="histogram bins over [0, abs-max] per activation")
+    source: Optional[str] = Field(None, description="unlabeled images to calibrate on; default: data.train")
+
+
+class FidelityConfig(_Section):
+    """Label-free fidelity: the student scored against the teacher's own predictions (and per-node output SNR) on a
+    held-out slice of unlabeled images (the last `images` of the pool, which training then leaves out)."""
+
+    enabled: bool = True
+    images: int = Field(64, ge=1)
+    source: Optional[str] = Field(None, description="images to use instead of the held-out slice of data.train")
+    teacher_conf: float = Field(0.25, gt=0, lt=1, description="confidence above which teacher detections are GT")
+    batch_size: Optional[int] = Field(None, ge=1, description="default: eval.batch_size")
+
+
 class EvalConfig(_Section):
     data: Optional[str] = Field(None, description="labeled Ultralytics data yaml for the built-in COCO mAP")
     split: Literal["val", "test", "train"] = "val"
@@ -164,6 +196,7 @@ class EvalConfig(_Section):
     imgsz: Optional[int] = None
     batch_size: int = Field(16, ge=1)
     max_images: Optional[int] = Field(None, ge=1)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
 
     @field_validator("callback")
     @classmethod
@@ -186,7 +219,7 @@ class ExportConfig(_Section):
 
 
 class RunConfig(_Section):
-    """A whole `act compress` run."""
+    """A whole `act compress` (or `act ptq`) run."""
 
     model: ModelConfig
     data: DataConfig
@@ -195,6 +228,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    ptq: PTQConfig = Field(default_factory=PTQConfig)
     output_dir: str = "runs/act/exp"
 
     def dump(self) -> Dict[str, Any]:
@@ -279,3 +313,9 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid config:\n  data.train: {problem}")
     if cfg.eval.data and not Path(cfg.eval.data).is_file():
         raise ConfigError(f"invalid config:\n  eval.data: file not found (got {cfg.eval.data!r})")
+    if cfg.quant.init_from and not Path(cfg.quant.init_from).is_file():
+        raise ConfigError(f"invalid config:\n  quant.init_from: file not found (got {cfg.quant.init_from!r})")
+    for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):
+        problem = src and resolve_source_exists(src)
+        if problem:
+            raise ConfigError(f"invalid config:\n  {key}: {problem}")

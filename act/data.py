@@ -38,6 +38,15 @@ def _list_folder(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_SUFFIXES and p.is_file())
 
 
+def yaml_root(path: Path, data: dict) -> Path:
+    """The dataset root of an Ultralytics data yaml: its `path`, relative to the working folder if it exists there,
+    else to the yaml's own folder (so a repo's data/*.yaml works from anywhere)."""
+    root = Path(data.get("path") or path.parent)
+    if not root.is_absolute():
+        root = (path.parent / root).resolve() if not (Path.cwd() / root).exists() else (Path.cwd() / root).resolve()
+    return root
+
+
 def _from_yaml(path: Path, split: str = "train") -> List[Path]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -45,9 +54,7 @@ def _from_yaml(path: Path, split: str = "train") -> List[Path]:
         raise DataError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict) or split not in data:
         raise DataError(f"{path}: no '{split}' entry (expected an Ultralytics data yaml)")
-    root = Path(data.get("path") or path.parent)
-    if not root.is_absolute():
-        root = (path.parent / root).resolve() if not (Path.cwd() / root).exists() else (Path.cwd() / root)
+    root = yaml_root(path, data)
     entries = data[split] if isinstance(data[split], list) else [data[split]]
     out: List[Path] = []
     for e in entries:
@@ -190,18 +197,31 @@ class InfiniteLoader:
             self.epoch += 1
 
 
-def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True, sampler=None) -> DataLoader:
-    """DataLoader over the configured unlabeled source (act.config.DataConfig)."""
-    paths = resolve_source(cfg.train)
+def split_holdout(paths: Sequence[Path], n: int) -> Tuple[List[Path], List[Path], bool]:
+    """(rest, held, held_out): the last `n` images of a pool, set aside from the rest when the pool has at least
+    2n images; a smaller pool shares its first n images instead (held_out False)."""
+    paths = list(paths)
+    if n <= 0:
+        return paths, [], True
+    if len(paths) >= 2 * n:
+        return paths[:-n], paths[-n:], True
+    return paths, paths[:n], False
+
+
+def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True, sampler=None,
+                 paths: Optional[Sequence[Path]] = None, batch_size: Optional[int] = None) -> DataLoader:
+    """DataLoader over the configured unlabeled source (act.config.DataConfig), or over `paths` if given."""
+    paths = resolve_source(cfg.train) if paths is None else list(paths)
     if cfg.max_images:
         paths = paths[: cfg.max_images]
+    batch_size = batch_size or cfg.batch_size
     ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=cfg.cache, seed=seed)
     g = torch.Generator()
     g.manual_seed(seed)
-    drop_last = len(ds) >= cfg.batch_size
+    drop_last = shuffle and len(ds) >= batch_size
     return DataLoader(
         ds,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=cfg.workers,
@@ -217,6 +237,19 @@ def iterations_for(cfg_train, n_images: int, batch_size: int) -> int:
     if cfg_train.iterations is not None:
         return cfg_train.iterations
     return max(1, math.ceil(cfg_train.epochs * n_images / batch_size))
+
+
+def load_letterboxed(paths: Sequence[Path], imgsz: int) -> Tuple[List[np.ndarray], List[Path]]:
+    """Letterboxed BGR uint8 images (compact to keep in memory) and the paths that could be read."""
+    ims, ok = [], []
+    for p in paths:
+        im = read_image(Path(p))
+        if im is not None:
+            ims.append(letterbox(im, imgsz))
+            ok.append(Path(p))
+    if not ims:
+        raise DataError("none of the images could be read")
+    return ims, ok
 
 
 def load_images(paths: Sequence[Path], imgsz: int) -> torch.Tensor:

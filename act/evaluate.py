@@ -54,21 +54,24 @@ def load_callback(spec: str) -> Callable:
 
 
 def subset_data_yaml(data_yaml: str, split: str, max_images: Optional[int], workdir: Path) -> str:
-    """A copy of an Ultralytics data yaml whose `split` lists only the first `max_images` images."""
-    if not max_images:
-        return data_yaml
-    from act.data import resolve_source
+    """A copy of an Ultralytics data yaml with an absolute `path` (Ultralytics would resolve a relative one against
+    the working folder or its datasets folder, not the yaml's), whose `split` lists only the first `max_images`
+    images if given."""
+    from act.data import resolve_source, yaml_root
 
     src = Path(data_yaml)
     data = yaml.safe_load(src.read_text())
-    root = Path(data.get("path") or src.parent)
-    root = root if root.is_absolute() else (src.parent / root)
-    entry = data[split]
-    images = resolve_source(str(entry if Path(entry).is_absolute() else root / entry))[:max_images]
+    root = yaml_root(src, data)
+    if not max_images and Path(data.get("path") or "/").is_absolute():
+        return data_yaml
+    data["path"] = str(root)
     workdir.mkdir(parents=True, exist_ok=True)
-    lst = workdir / f"{split}_subset.txt"
-    lst.write_text("\n".join(str(p.resolve()) for p in images) + "\n")
-    data.update({"path": str(root.resolve()), split: str(lst.resolve())})
+    if max_images:
+        entry = data[split]
+        images = resolve_source(str(entry if Path(entry).is_absolute() else root / entry))[:max_images]
+        lst = workdir / f"{split}_subset.txt"
+        lst.write_text("\n".join(str(p.resolve()) for p in images) + "\n")
+        data[split] = str(lst.resolve())
     out = workdir / "data_subset.yaml"
     out.write_text(yaml.safe_dump(data))
     return str(out)
@@ -78,13 +81,16 @@ class CocoEvaluator:
     """COCO-style mAP50-95 / mAP50 of boxes (and keypoints for pose) on a labeled Ultralytics data yaml."""
 
     def __init__(self, data: str, task: str, imgsz: int, batch_size: int = 16, max_images: Optional[int] = None,
-                 split: str = "val", workdir: Optional[Path] = None):
+                 split: str = "val", workdir: Optional[Path] = None, rect: bool = True):
+        """rect: batch images of similar aspect into rectangular inputs (Ultralytics' val default, torch models only);
+        False letterboxes every image to the square imgsz, as a fixed-shape export always sees it."""
         if not Path(data).is_file():
             raise ConfigError(f"invalid config:\n  eval.data: file not found (got {data!r})")
         self.task = task
         self.imgsz = imgsz
         self.batch_size = batch_size
         self.split = split
+        self.rect = rect
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="act_eval_")
@@ -100,7 +106,7 @@ class CocoEvaluator:
         dev = "cpu" if device is None or torch.device(device).type == "cpu" else str(torch.device(device).index or 0)
         args = dict(task=self.task, data=self.data, imgsz=self.imgsz, batch=self.batch_size, split=self.split,
                     device=dev, plots=False, save_json=False, verbose=False,
-                    project=str(self.workdir), name="val", exist_ok=True, workers=0, rect=True)
+                    project=str(self.workdir), name="val", exist_ok=True, workers=0, rect=self.rect)
         return cls(args=args, save_dir=self.workdir / "val")
 
     def __call__(self, model, context: Optional[EvalContext] = None) -> Dict[str, float]:

