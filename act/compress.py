@@ -378,11 +378,8 @@ class AutoCompression:
         self.history: List[Dict[str, Any]] = []
         self.bad_images: List[str] = []
         self.nonfinite_steps = 0
-<<<<<<< HEAD
         self.loss_history: List[float] = []  # loss of every step of this process (for scripts and tests)
-=======
         self.calibrate_time = 0.0
->>>>>>> ptq-eval
         log = RunLogger(self.out / "tensorboard")
         start = 0
         batches = self._batches()
@@ -415,14 +412,10 @@ class AutoCompression:
             while it < self.total_iters:
                 t_step = time.time()
                 images = next(batches)
-<<<<<<< HEAD
-                stats = self.train_step(images)
-                self.loss_history.append(stats["loss"])
-=======
                 stats = self.train_step(images)  # ends with float(loss): the step has finished on the device
                 step_time += time.time() - t_step
                 step_images += len(images)
->>>>>>> ptq-eval
+                self.loss_history.append(stats["loss"])
                 it += 1
                 seen += len(images)
                 bar.update(1)

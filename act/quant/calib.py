@@ -199,7 +199,7 @@ def set_ranges(model: nn.Module, ranges: Dict[str, float]) -> None:
         q.initialized.fill_(True)
         if q.pact:
             q.alpha.fill_(r)
-            q.alpha_set.fill_(True)
+            q.mark_alpha_ready()
         q.mode = "quant"
 
 

@@ -79,14 +79,34 @@ class ActivationQuantizer(nn.Module):
         if self.pact:
             self.alpha = nn.Parameter(torch.tensor(float(alpha_init) if alpha_init is not None else 0.0))
             self.register_buffer("alpha_set", torch.tensor(alpha_init is not None))
+        # Python mirror of `alpha_set`: reading a CUDA buffer in forward would sync the GPU at every quantizer
+        self._alpha_ready = self.pact and alpha_init is not None
         self.mode = "quant"
         self.frozen_scale = None  # set by freeze() for export: a constant scale
         self.reduce_fn = None  # set under DDP to all-reduce the batch abs-max (max over ranks)
 
+    @property
+    def alpha_ready(self) -> bool:
+        return getattr(self, "_alpha_ready", False)
+
+    def mark_alpha_ready(self) -> None:
+        self.alpha_set.fill_(True)
+        self._alpha_ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.pact:
+            self._alpha_ready = bool(self.alpha_set)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_alpha_ready" not in self.__dict__:
+            self._alpha_ready = bool(self.pact and bool(self.alpha_set)) if "alpha_set" in self._buffers else False
+
     # -- state -------------------------------------------------------------------------------------------------
     def range(self) -> torch.Tensor:
         r = self.running_absmax
-        if self.pact and bool(self.alpha_set):
+        if self.alpha_ready:
             r = torch.minimum(r, self.alpha.detach().abs())
         return r
 
@@ -101,6 +121,7 @@ class ActivationQuantizer(nn.Module):
             with torch.no_grad():
                 self.alpha.fill_(float(self.running_absmax) * ratio)
                 self.alpha_set.fill_(True)
+            self._alpha_ready = True
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -120,7 +141,7 @@ class ActivationQuantizer(nn.Module):
             if self.training:
                 self._observe(x)
             return x
-        use_clip = self.pact and self.training and bool(self.alpha_set)
+        use_clip = self.training and self.alpha_ready
         if use_clip:
             a = self.alpha.abs().to(x.dtype)
             x = torch.minimum(torch.maximum(x, -a), a)
