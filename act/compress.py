@@ -26,7 +26,8 @@ from torch import nn
 from act import quant as Q
 from act.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from act.config import RunConfig, load_config, validate_config
-from act.data import InfiniteLoader, build_loader, iterations_for, load_images, resolve_source, split_holdout
+from act.data import (InfiniteLoader, as_model_input, build_loader, iterations_for, load_images, resolve_source,
+                      split_holdout)
 from act.distill import DistillLoss, FeatureCapture, find_nodes
 from act.errors import ActError, ConfigError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
@@ -236,7 +237,7 @@ class AutoCompression:
 
         def loop(model):
             for i, images in zip(range(n), batches):
-                model(images.to(self.device, non_blocking=True))
+                model(as_model_input(images, self.device))
                 self.s_capture.pop()
 
         init_alpha = self.cfg.quant.activation.alpha_init == "auto"
@@ -334,7 +335,7 @@ class AutoCompression:
 
     # ------------------------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor) -> Dict[str, float]:
-        images = images.to(self.device, non_blocking=True)
+        images = as_model_input(images, self.device)
         with torch.inference_mode():
             self.teacher(images)
         t_out = {k: v.clone() for k, v in self.t_capture.pop().items()}

@@ -120,9 +120,20 @@ def letterbox(im: np.ndarray, imgsz: int) -> np.ndarray:
     return LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True, stride=32)(image=im)
 
 
+def to_uint8(im: np.ndarray) -> torch.Tensor:
+    """BGR HWC uint8 -> RGB CHW uint8 (a quarter of the bytes of float: what loader workers hand over)."""
+    return torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))
+
+
 def to_tensor(im: np.ndarray) -> torch.Tensor:
     """BGR HWC uint8 -> RGB CHW float in [0, 1], as Ultralytics preprocesses."""
-    return torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float() / 255.0
+    return to_uint8(im).float() / 255.0
+
+
+def as_model_input(images: torch.Tensor, device) -> torch.Tensor:
+    """A batch on `device` as float in [0, 1]: uint8 batches are moved first and scaled there."""
+    images = images.to(device, non_blocking=True)
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random) -> np.ndarray:
@@ -139,7 +150,8 @@ def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random) -> n
 
 
 class UnlabeledImages(Dataset):
-    """Letterboxed images as float tensors; an unreadable image yields (None, path)."""
+    """Letterboxed images as uint8 RGB CHW tensors (scaled to float on the device); an unreadable image yields
+    (None, path)."""
 
     def __init__(self, paths: Sequence[Path], imgsz: int, augment=None, cache: bool = False, seed: int = 0):
         self.paths = list(paths)
@@ -164,13 +176,13 @@ class UnlabeledImages(Dataset):
         if im is None:
             return None, str(self.paths[i])
         if self.augment is None:
-            return to_tensor(letterbox(im, self.imgsz)), str(self.paths[i])
+            return to_uint8(letterbox(im, self.imgsz)), str(self.paths[i])
         rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seeded RNG (per worker)
         s = rng.uniform(*self.augment.scale)
         out = _scale_jitter(im, self.imgsz, s, rng)
         if rng.random() < self.augment.flip:
             out = out[:, ::-1]
-        return to_tensor(out), str(self.paths[i])
+        return to_uint8(out), str(self.paths[i])
 
 
 def collate(batch):

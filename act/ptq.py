@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 import torch
 
 from act.compress import AutoCompression, _fmt
-from act.data import build_loader, resolve_source
+from act.data import as_model_input, build_loader, resolve_source
 from act.errors import ConfigError
 from act.monitor import RunLogger
 from act.quant.calib import CalibrationResult, calibrate_ranges, set_ranges
@@ -58,7 +58,7 @@ class PostTrainingQuantization(AutoCompression):
                 if bad:
                     self.bad_images.extend(b for b in bad if b not in self.bad_images)
                 if images is not None and len(images):
-                    model(images.to(self.device, non_blocking=True))
+                    model(as_model_input(images, self.device))
             self.s_capture.pop()
 
         result = calibrate_ranges(self.student, forward_loop, p.calibrator, p.percentile, p.bins)
