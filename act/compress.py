@@ -122,7 +122,7 @@ class AutoCompression:
         seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)
         self.task = self.family.task(self.teacher)
-        self.student = build_student(self.teacher, cfg, self.family)
+        self.student = self.build_student()
         self.nodes = find_nodes(self.teacher, self.family, cfg.distill.nodes)
         head = self.family.head(self.teacher)
         self.loss_fn = DistillLoss(self.nodes, cfg.distill, reg_max=getattr(head, "reg_max", 16))
@@ -131,6 +131,13 @@ class AutoCompression:
         names = [n.name for n in self.nodes]
         self.t_capture = FeatureCapture(self.teacher, names)
         self.s_capture = FeatureCapture(self.student, names)
+
+    def build_student(self) -> nn.Module:
+        """The student before training (a staged run's stage starts from the previous stage's instead)."""
+        return build_student(self.teacher, self.cfg, self.family)
+
+    def before_iteration(self, it: int, batches) -> None:
+        """Called before each training iteration (a prune stage prunes here)."""
 
     def setup_pool(self) -> None:
         """The unlabeled pool, less the held-out fidelity slice (its last eval.fidelity.images images)."""
@@ -360,6 +367,9 @@ class AutoCompression:
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
 
+    def log_dir(self) -> Path:
+        return self.out / "tensorboard"
+
     def _prepare_output(self, resume: bool, exist_ok: bool, marker_name: str = "last.pt") -> None:
         marker = self.out / marker_name
         if not resume and marker.exists() and not exist_ok:
@@ -372,6 +382,10 @@ class AutoCompression:
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
         from tqdm import tqdm
 
+        if self.cfg.stages:
+            from act.stages import run_stages
+
+            return run_stages(self, resume=resume, exist_ok=exist_ok)
         t0 = time.time()
         self._prepare_output(resume, exist_ok)
         self.setup()
@@ -382,7 +396,7 @@ class AutoCompression:
         self.nonfinite_steps = 0
         self.loss_history: List[float] = []  # loss of every step of this process (for scripts and tests)
         self.calibrate_time = 0.0
-        log = RunLogger(self.out / "tensorboard")
+        log = self.logger = RunLogger(self.log_dir())
         start = 0
         batches = self._batches()
         before: Dict[str, Dict[str, float]] = {}
@@ -412,6 +426,7 @@ class AutoCompression:
         interrupted = False
         try:
             while it < self.total_iters:
+                self.before_iteration(it, batches)
                 t_step = time.time()
                 images = next(batches)
                 stats = self.train_step(images)  # ends with float(loss): the step has finished on the device
