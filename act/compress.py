@@ -528,7 +528,7 @@ class AutoCompression:
         self._write_summary(summary)
         print(f"act: done. best {self.metric or 'checkpoint'}: {self.best_metric} at iteration {self.best_iteration}")
         print(f"act: outputs in {self.out}  (ONNX: {self.out / 'student.onnx'}; "
-              f"TensorBoard: tensorboard --logdir {self.out / 'tensorboard'})")
+              f"TensorBoard: tensorboard --logdir {self.log_dir()})")
         return summary
 
     def parity_images(self) -> torch.Tensor:

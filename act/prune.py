@@ -6,15 +6,16 @@ parameters.
 
 The model family prepares the model (Ultralytics C2f/C3k2 chunk splits become two convs, see
 teachers/ultralytics_prune.py) and names the modules whose channels stay (the head's last convs: the distillation
-nodes; the DFL decode; attention blocks). Pruning proceeds in small increments of torch-pruning's channel ratio
-(MetaPruner with many iterative steps), counting MACs after each, and stops at the first increment that reaches the
-target: so the result lands within one increment (about 1% of the MACs) under it. Importance: L1 / L2 magnitude of
-the whole dependency group, or first-order Taylor (|w * dL/dw|) on gradients of the distillation loss that the caller
-accumulated into the student's `.grad` (see `accumulate_grads`).
+nodes; the DFL decode; attention blocks). Pruning proceeds in a few increments of torch-pruning's channel ratio,
+chosen adaptively from the MACs counted after each, until the cost is within 1% above the target. MACs are counted
+at the run's imgsz (attention MACs grow faster than H*W, so the ratio depends on it). Importance: L1 / L2 magnitude
+of the whole dependency group, LAMP, or first-order Taylor (|w * dL/dw|) on gradients of the distillation loss that
+the caller accumulated into the student's `.grad` (see `accumulate_grads`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -59,25 +60,34 @@ def accumulate_grads(model: nn.Module, loss_fn: Callable[[], torch.Tensor], batc
 
 
 class StructuredPruner:
-    """Prunes a (float, BN-folded) student in place towards a MACs or params target. One DependencyGraph per call."""
+    """Prunes a (float, BN-folded) student in place towards a MACs or params target. One DependencyGraph per call.
 
-    def __init__(self, family, stage, increments: int = 100):
+    torch-pruning's channel ratio does not map linearly to MACs, and each pruner step costs a pass over all
+    dependency groups, so the ratio of each step is chosen adaptively: a first guess from MACs ~ (1 - r)^2, then
+    the exponent refitted from what was measured, until the cost is within `tolerance` above the target (or under
+    it). Usually 2-4 steps."""
+
+    def __init__(self, family, stage, imgsz: int = TRACE_IMGSZ, tolerance: float = 0.01, max_steps: int = 12):
         self.family = family
         self.stage = stage
-        self.increments = increments
+        self.imgsz = imgsz
+        self.tolerance = tolerance
+        self.max_steps = max_steps
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.family.prepare_for_pruning(model)
 
     def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
                  progress: Optional[Callable[[Dict], None]] = None) -> Dict:
-        """Prune until the stage's metric (macs | params) is at most `target` (absolute, at TRACE_IMGSZ).
+        """Prune until the stage's metric (macs | params, of one imgsz image) is at most target * (1 + tolerance).
         Returns {macs, params, increments, importance, reached}."""
         st = self.stage
         self.prepare(model)
-        metric_of = (lambda c: c[0]) if st.metric == "macs" else (lambda c: c[1])
-        cost = model_cost(model)
-        info = {"macs": cost[0], "params": cost[1], "increments": 0, "reached": metric_of(cost) <= target,
+        which = 0 if st.metric == "macs" else 1
+        cost = model_cost(model, self.imgsz)
+        start = cost[which]
+        info = {"macs": cost[0], "params": cost[1], "increments": 0,
+                "reached": cost[which] <= target * (1 + self.tolerance),
                 "importance": "taylor" if st.importance == "taylor" and have_grads else
                 ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
         if info["reached"]:
@@ -86,28 +96,36 @@ class StructuredPruner:
         example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
         ignored = list(self.family.prune_ignored(model)) + self._ignored_by_name(model)
         was = model.training
+        cap = st.max_layer_ratio
         try:
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=importance_for(st.importance, have_grads),
-                global_pruning=st.scope == "global", pruning_ratio=st.max_layer_ratio,
-                max_pruning_ratio=st.max_layer_ratio, iterative_steps=self.increments, ignored_layers=ignored,
-                round_to=st.round_to, forward_fn=self.family.prune_forward,
+                global_pruning=st.scope == "global", pruning_ratio=cap, max_pruning_ratio=cap,
+                iterative_steps=self.max_steps, ignored_layers=ignored, round_to=st.round_to,
+                forward_fn=self.family.prune_forward,
             )
         except Exception as e:  # an architecture DepGraph cannot follow
             raise ActError(f"torch-pruning could not build the dependency graph of the student: "
                            f"{type(e).__name__}: {e}") from e
-        for k in range(self.increments):
-            before = metric_of(cost)
+        ratio, exponent = 0.0, 2.0  # channel ratio so far (of this pruner's initial widths); cost ~ (1 - r)^exponent
+        for k in range(self.max_steps):
+            goal = target * (1 + self.tolerance / 2) if k == 0 else target
+            want = 1 - (goal / start) ** (1 / exponent)
+            step = max(want - ratio, 0.005)
+            ratio = min(ratio + step, cap)
+            pruner.per_step_pruning_ratio[pruner.current_step + 1] = ratio
             pruner.step()
-            cost = model_cost(model)
-            info.update(macs=cost[0], params=cost[1], increments=k + 1)
+            cost = model_cost(model, self.imgsz)
+            info.update(macs=cost[0], params=cost[1], increments=k + 1, channel_ratio=round(ratio, 4))
             if progress:
                 progress(info)
-            if metric_of(cost) <= target:
+            if cost[which] <= target * (1 + self.tolerance):
                 info["reached"] = True
                 break
-            if metric_of(cost) >= before and k > self.increments // 2:
-                break  # nothing left to prune within max_layer_ratio
+            if ratio >= cap:
+                break  # nothing more to prune within max_layer_ratio
+            if 0 < cost[which] < start and ratio > 0:
+                exponent = max(0.5, math.log(cost[which] / start) / math.log(1 - ratio))
         model.train(was)
         model.zero_grad(set_to_none=True)
         return info

@@ -103,7 +103,7 @@ class StageRun(AutoCompression):
 
     def setup(self):
         super().setup()
-        self.teacher_cost = model_cost(self.teacher)
+        self.teacher_cost = model_cost(self.teacher, self.cfg.data.imgsz)
         if self.stage.type == "prune":
             sched = self.prune_schedule()
             if sched[-1] >= self.total_iters:
@@ -155,7 +155,7 @@ class StageRun(AutoCompression):
         if st.importance == "taylor":
             loss = accumulate_grads(self.student, lambda: self._distill_loss(next(batches)), st.taylor_batches)
             have_grads = loss > 1e-9
-        info = StructuredPruner(self.family, st).prune_to(self.student, target, have_grads=have_grads)
+        info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(self.student, target, have_grads=have_grads)
         self.s_capture.pop()
         self.t_capture.pop()
         info.update(step=k, iteration=it, target=target, time_s=round(time.time() - t0, 2),
@@ -224,7 +224,7 @@ class StageRun(AutoCompression):
         best = load_checkpoint(self.out / checkpoint)["model"].float()
         imgsz = self.cfg.data.imgsz
         macs, params = self.float_cost if self.cfg.quant.enabled else model_cost(best, imgsz)
-        t_macs, t_params = model_cost(self.teacher, imgsz)
+        t_macs, t_params = self.teacher_cost
         summary["cost"] = {"imgsz": imgsz, "macs": macs, "params": params, "gmacs": round(macs / 1e9, 4),
                            "macs_ratio": round(macs / t_macs, 4), "params_ratio": round(params / t_params, 4),
                            "teacher_macs": t_macs, "teacher_params": t_params}
