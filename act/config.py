@@ -270,7 +270,9 @@ class PruneStage(_Stage):
                                 "iterations / steps (the rest, after the last step, fine-tunes)")
     taylor_batches: int = Field(4, ge=1, description="distillation batches whose gradients feed Taylor importance")
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="no layer loses more than this share of channels")
-    round_to: Optional[int] = Field(None, ge=2, description="keep channel counts multiples of this (e.g. 8)")
+    round_to: Optional[int] = Field(
+        8, ge=2, description="keep channel counts multiples of this (odd widths run slower than the unpruned model in "
+                             "onnxruntime / TensorRT kernels); null: any width")
     ignore: List[str] = Field(default_factory=list,
                               description="module-name globs (or 're:' regexes) whose output channels stay")
 

@@ -47,6 +47,8 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
         proto = onnx.load(str(tmp))
         meta = family.export_metadata(model, imgsz, batch, metadata)
         meta["args"]["dynamic"] = dynamic
+        meta["args"]["int8"] = any(isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_quantizer")
+                                   for m in model.modules())  # an FP32 stage of a staged run exports float
         del proto.metadata_props[:]
         for k, v in meta.items():
             entry = proto.metadata_props.add()

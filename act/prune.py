@@ -6,8 +6,8 @@ parameters.
 
 The model family prepares the model (Ultralytics C2f/C3k2 chunk splits become two convs, see
 teachers/ultralytics_prune.py) and names the modules whose channels stay (the head's last convs: the distillation
-nodes; the DFL decode; attention blocks). Pruning proceeds in a few increments of torch-pruning's channel ratio,
-chosen adaptively from the MACs counted after each, until the cost is within 1% above the target. MACs are counted
+nodes; the DFL decode; attention blocks). torch-pruning's channel ratio for the target is searched on deep copies
+(MACs counted after each trial), then applied to the model: the result lands within 2% of the target. MACs are counted
 at the run's imgsz (attention MACs grow faster than H*W, so the ratio depends on it). Importance: L1 / L2 magnitude
 of the whole dependency group, LAMP, or first-order Taylor (|w * dL/dw|) on gradients of the distillation loss that
 the caller accumulated into the student's `.grad` (see `accumulate_grads`).
@@ -15,6 +15,7 @@ the caller accumulated into the student's `.grad` (see `accumulate_grads`).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
@@ -60,72 +61,95 @@ def accumulate_grads(model: nn.Module, loss_fn: Callable[[], torch.Tensor], batc
 
 
 class StructuredPruner:
-    """Prunes a (float, BN-folded) student in place towards a MACs or params target. One DependencyGraph per call.
+    """Prunes a (float, BN-folded) student in place towards a MACs or params target.
 
-    torch-pruning's channel ratio does not map linearly to MACs, and each pruner step costs a pass over all
-    dependency groups, so the ratio of each step is chosen adaptively: a first guess from MACs ~ (1 - r)^2, then
-    the exponent refitted from what was measured, until the cost is within `tolerance` above the target (or under
-    it). Usually 2-4 steps."""
+    torch-pruning's channel ratio does not map linearly to MACs, and with `round_to` the map is a staircase, so the
+    ratio is searched: trials prune deep copies (a first guess from MACs ~ (1 - r)^2, then interpolation inside the
+    bracket of ratios above / below the target) until one lands within `tolerance` of the target; the closest trial's
+    ratio then prunes the model itself (the same importances, so the same channels: copies carry the gradients)."""
 
-    def __init__(self, family, stage, imgsz: int = TRACE_IMGSZ, tolerance: float = 0.01, max_steps: int = 12):
+    def __init__(self, family, stage, imgsz: int = TRACE_IMGSZ, tolerance: float = 0.02, max_trials: int = 8):
         self.family = family
         self.stage = stage
         self.imgsz = imgsz
         self.tolerance = tolerance
-        self.max_steps = max_steps
+        self.max_trials = max_trials
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.family.prepare_for_pruning(model)
 
-    def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
-                 progress: Optional[Callable[[Dict], None]] = None) -> Dict:
-        """Prune until the stage's metric (macs | params, of one imgsz image) is at most target * (1 + tolerance).
-        Returns {macs, params, increments, importance, reached}."""
+    def _prune_at(self, model: nn.Module, ratio: float, have_grads: bool) -> None:
         st = self.stage
-        self.prepare(model)
-        which = 0 if st.metric == "macs" else 1
-        cost = model_cost(model, self.imgsz)
-        start = cost[which]
-        info = {"macs": cost[0], "params": cost[1], "increments": 0,
-                "reached": cost[which] <= target * (1 + self.tolerance),
-                "importance": "taylor" if st.importance == "taylor" and have_grads else
-                ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
-        if info["reached"]:
-            return info
         p = next(model.parameters())
         example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
         ignored = list(self.family.prune_ignored(model)) + self._ignored_by_name(model)
-        was = model.training
-        cap = st.max_layer_ratio
         try:
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=importance_for(st.importance, have_grads),
-                global_pruning=st.scope == "global", pruning_ratio=cap, max_pruning_ratio=cap,
-                iterative_steps=self.max_steps, ignored_layers=ignored, round_to=st.round_to,
+                global_pruning=st.scope == "global", pruning_ratio=ratio, max_pruning_ratio=st.max_layer_ratio,
+                iterative_steps=1, ignored_layers=ignored, round_to=st.round_to,
                 forward_fn=self.family.prune_forward,
             )
         except Exception as e:  # an architecture DepGraph cannot follow
             raise ActError(f"torch-pruning could not build the dependency graph of the student: "
                            f"{type(e).__name__}: {e}") from e
-        ratio, exponent = 0.0, 2.0  # channel ratio so far (of this pruner's initial widths); cost ~ (1 - r)^exponent
-        for k in range(self.max_steps):
-            goal = target * (1 + self.tolerance / 2) if k == 0 else target
-            want = 1 - (goal / start) ** (1 / exponent)
-            step = max(want - ratio, 0.005)
-            ratio = min(ratio + step, cap)
-            pruner.per_step_pruning_ratio[pruner.current_step + 1] = ratio
-            pruner.step()
-            cost = model_cost(model, self.imgsz)
-            info.update(macs=cost[0], params=cost[1], increments=k + 1, channel_ratio=round(ratio, 4))
-            if progress:
-                progress(info)
-            if cost[which] <= target * (1 + self.tolerance):
-                info["reached"] = True
+        pruner.step()
+
+    def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
+                 progress: Optional[Callable[[Dict], None]] = None) -> Dict:
+        """Prune until the stage's metric (macs | params, of one imgsz image) is as close to `target` as the search
+        gets (within `tolerance` unless round_to's staircase has no step there).
+        Returns {macs, params, trials, channel_ratio, importance, reached}."""
+        st = self.stage
+        self.prepare(model)
+        which = 0 if st.metric == "macs" else 1
+        start_cost = model_cost(model, self.imgsz)
+        start = start_cost[which]
+        info = {"macs": start_cost[0], "params": start_cost[1], "trials": 0, "channel_ratio": 0.0,
+                "reached": start <= target * (1 + self.tolerance),
+                "importance": "taylor" if st.importance == "taylor" and have_grads else
+                ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
+        if info["reached"]:
+            return info
+        was = model.training
+        cap = st.max_layer_ratio
+        trials: Dict[float, float] = {}
+        lo, c_lo, hi, c_hi, exponent = 0.0, start, None, None, 2.0
+        sides = []
+        for _ in range(self.max_trials):
+            if hi is None:
+                r = min(cap, max(lo + 0.002, 1 - (target / start) ** (1 / exponent)))
+            elif len(sides) >= 2 and sides[-1] == sides[-2]:  # interpolation stuck on one side: bisect
+                r = (lo + hi) / 2
+            else:  # log-linear interpolation inside the bracket
+                f = (math.log(c_lo) - math.log(target)) / max(math.log(c_lo) - math.log(c_hi), 1e-9)
+                r = min(hi - 0.001, max(lo + 0.001, lo + (hi - lo) * f))
+            if r in trials:
                 break
-            if ratio >= cap:
-                break  # nothing more to prune within max_layer_ratio
-            if 0 < cost[which] < start and ratio > 0:
-                exponent = max(0.5, math.log(cost[which] / start) / math.log(1 - ratio))
+            trial = copy.deepcopy(model)
+            self._prune_at(trial, r, have_grads)
+            c = trials[r] = model_cost(trial, self.imgsz)[which]
+            del trial
+            if progress:
+                progress({"channel_ratio": r, "cost": c, "target": target})
+            if abs(c / target - 1) <= self.tolerance:
+                break
+            sides.append(c > target)
+            if c > target:
+                lo, c_lo = r, c
+                if 0 < c < start:
+                    exponent = max(0.5, math.log(c / start) / math.log(1 - r))
+                if r >= cap:
+                    break  # max_layer_ratio allows no more
+            else:
+                hi, c_hi = r, c
+            if hi is not None and hi - lo < 0.002:
+                break
+        best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
+        self._prune_at(model, best, have_grads)
+        cost = model_cost(model, self.imgsz)
+        info.update(macs=cost[0], params=cost[1], trials=len(trials), channel_ratio=round(best, 4),
+                    reached=abs(cost[which] / target - 1) <= self.tolerance)
         model.train(was)
         model.zero_grad(set_to_none=True)
         return info
