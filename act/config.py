@@ -275,6 +275,8 @@ class PruneStage(_Stage):
                              "onnxruntime / TensorRT kernels); null: any width")
     ignore: List[str] = Field(default_factory=list,
                               description="module-name globs (or 're:' regexes) whose output channels stay")
+    bias_compensation: bool = Field(
+        True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias")
 
 
 class SparsityStage(_Stage):

@@ -66,7 +66,7 @@ class StructuredPruner:
     torch-pruning's channel ratio does not map linearly to MACs, and with `round_to` the map is a staircase, so the
     ratio is searched: trials prune deep copies (a first guess from MACs ~ (1 - r)^2, then interpolation inside the
     bracket of ratios above / below the target) until one lands within `tolerance` of the target; the closest trial's
-    ratio then prunes the model itself (the same importances, so the same channels: copies carry the gradients)."""
+    ratio then prunes the model itself (the same importances, so the same channels: the copies get the gradients too)."""
 
     def __init__(self, family, stage, imgsz: int = TRACE_IMGSZ, tolerance: float = 0.02, max_trials: int = 8):
         self.family = family
@@ -78,7 +78,8 @@ class StructuredPruner:
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.family.prepare_for_pruning(model)
 
-    def _prune_at(self, model: nn.Module, ratio: float, have_grads: bool) -> None:
+    def _prune_at(self, model: nn.Module, ratio: float, have_grads: bool,
+                  means: Optional[Dict[str, torch.Tensor]] = None) -> None:
         st = self.stage
         p = next(model.parameters())
         example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
@@ -93,10 +94,14 @@ class StructuredPruner:
         except Exception as e:  # an architecture DepGraph cannot follow
             raise ActError(f"torch-pruning could not build the dependency graph of the student: "
                            f"{type(e).__name__}: {e}") from e
-        pruner.step()
+        names = {m: n for n, m in model.named_modules()}
+        for group in pruner.step(interactive=True):
+            if means:
+                compensate_bias(group, pruner.DG, names, means)
+            group.prune()
 
     def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
-                 progress: Optional[Callable[[Dict], None]] = None) -> Dict:
+                 images: Optional[torch.Tensor] = None, progress: Optional[Callable[[Dict], None]] = None) -> Dict:
         """Prune until the stage's metric (macs | params, of one imgsz image) is as close to `target` as the search
         gets (within `tolerance` unless round_to's staircase has no step there).
         Returns {macs, params, trials, channel_ratio, importance, reached}."""
@@ -111,7 +116,12 @@ class StructuredPruner:
                 ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
         if info["reached"]:
             return info
+        if have_grads:  # Taylor reads every layer's grad; layers outside the training forward (DFL) have none
+            for prm in model.parameters():
+                if prm.grad is None:
+                    prm.grad = torch.zeros_like(prm)
         was = model.training
+        means = input_means(model, images) if images is not None and st.bias_compensation else None
         cap = st.max_layer_ratio
         trials: Dict[float, float] = {}
         lo, c_lo, hi, c_hi, exponent = 0.0, start, None, None, 2.0
@@ -127,7 +137,10 @@ class StructuredPruner:
             if r in trials:
                 break
             trial = copy.deepcopy(model)
-            self._prune_at(trial, r, have_grads)
+            if have_grads:  # deepcopy of a Parameter drops .grad
+                for src, dst in zip(model.parameters(), trial.parameters()):
+                    dst.grad = None if src.grad is None else src.grad.clone()
+            self._prune_at(trial, r, have_grads, means)
             c = trials[r] = model_cost(trial, self.imgsz)[which]
             del trial
             if progress:
@@ -146,7 +159,7 @@ class StructuredPruner:
             if hi is not None and hi - lo < 0.002:
                 break
         best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
-        self._prune_at(model, best, have_grads)
+        self._prune_at(model, best, have_grads, means)
         cost = model_cost(model, self.imgsz)
         info.update(macs=cost[0], params=cost[1], trials=len(trials), channel_ratio=round(best, 4),
                     reached=abs(cost[which] / target - 1) <= self.tolerance)
@@ -159,6 +172,49 @@ class StructuredPruner:
 
         pats = list(self.stage.ignore)
         return [m for n, m in model.named_modules() if n and pats and matches_any(n, pats)]
+
+
+@torch.no_grad()
+def input_means(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mean of every input channel of every Conv2d over `images` (eval mode), by module name."""
+    means: Dict[str, torch.Tensor] = {}
+    hooks = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, n=n: means.__setitem__(n, inp[0].float().mean(dim=(0, 2, 3)))))
+    was = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        model(images.to(p.device, p.dtype))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return means
+
+
+@torch.no_grad()
+def compensate_bias(group, DG, names: Dict[nn.Module, str], means: Dict[str, torch.Tensor]) -> None:
+    """Before a group is pruned: every conv that loses input channels takes their mean contribution into its bias,
+    bias += sum_k W[:, j, k] * mean(x_j). In a BN-folded network the channels of smallest weight are often nearly
+    constant (silu of the folded BN shift), and dropping a constant input shifts every output of the next layer;
+    this keeps the first moment (exact for a constant channel, away from the zero-padded border)."""
+    for dep, idxs in group:
+        conv = dep.target.module
+        if (not isinstance(conv, nn.Conv2d) or DG.is_out_channel_pruning_fn(dep.handler) or conv.groups != 1
+                or not idxs):
+            continue
+        mean = means.get(names.get(conv, ""))
+        if mean is None or mean.numel() != conv.in_channels:
+            continue
+        idx = torch.as_tensor(list(idxs), device=conv.weight.device, dtype=torch.long)
+        shift = conv.weight.detach()[:, idx].sum(dim=(2, 3)).float() @ mean.to(conv.weight.device)[idx]
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
+                                                 dtype=conv.weight.dtype))
+        conv.bias.data += shift.to(conv.bias.dtype)
 
 
 def channel_summary(model: nn.Module) -> Dict[str, int]:

@@ -155,7 +155,9 @@ class StageRun(AutoCompression):
         if st.importance == "taylor":
             loss = accumulate_grads(self.student, lambda: self._distill_loss(next(batches)), st.taylor_batches)
             have_grads = loss > 1e-9
-        info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(self.student, target, have_grads=have_grads)
+        images = as_model_input(next(batches), self.device)  # for bias compensation: input means per channel
+        info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(
+            self.student, target, have_grads=have_grads, images=images)
         self.s_capture.pop()
         self.t_capture.pop()
         info.update(step=k, iteration=it, target=target, time_s=round(time.time() - t0, 2),
