@@ -125,7 +125,7 @@ class ActivationQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        batch_max = x.detach().abs().amax().float()
+        batch_max = torch.linalg.vector_norm(x.detach(), float("inf")).float()  # abs-max in one pass, no |x| copy
         if self.reduce_fn is not None:
             batch_max = self.reduce_fn(batch_max)
         new = torch.where(self.initialized, self.ema_rate * self.running_absmax + (1 - self.ema_rate) * batch_max,
@@ -144,7 +144,7 @@ class ActivationQuantizer(nn.Module):
         use_clip = self.training and self.alpha_ready
         if use_clip:
             a = self.alpha.abs().to(x.dtype)
-            x = torch.minimum(torch.maximum(x, -a), a)
+            x = torch.clamp(x, -a, a)  # one fused pass (and one in backward); alpha's gradient flows through it
         if self.training:
             self._observe(x)
         s = self.frozen_scale if self.frozen_scale is not None else self.scale()
