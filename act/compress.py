@@ -122,7 +122,8 @@ class AutoCompression:
         self.device = self.dist.device(cfg.train.device) if self.dist.enabled else select_device(cfg.train.device)
         self.dist.init(self.device)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)

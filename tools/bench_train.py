@@ -428,16 +428,19 @@ def main(argv=None):
     add(bench_plain, args)
     if args.plain_amp:
         add(bench_plain, args, True)
+    compiled = []
     for spec in args.variants:
         name, ov = split_custom(spec)
         if "train.compile=true" in ov:
-            add(lambda a, s: run_isolated(a, s), args, spec)
+            compiled.append(spec)  # last: compiling can take minutes
         else:
             add(bench_act_synthetic, args, name, ov, name in args.profile)
     for spec in args.real:
         v, _, d = spec.partition("+")
         name, ov = split_custom(v)
         add(bench_act_real, args, f"{name}+{d or 'auto'}", ov + DATA_VARIANTS[d or "auto"])
+    for spec in compiled:
+        add(run_isolated, args, spec)
     n = args.ddp if args.ddp is not None else torch.cuda.device_count()
     if n > 1:
         add(run_ddp, args, n)
