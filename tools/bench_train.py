@@ -43,6 +43,7 @@ VARIANTS: Dict[str, List[str]] = {
     "bf16_cl": ["train.amp=bf16", "train.channels_last=true"],
     "tbf16_cl": ["train.amp=none", "train.teacher_amp=bf16", "train.channels_last=true"],
     "bf16_cl_compile": ["train.amp=bf16", "train.channels_last=true", "train.compile=true"],
+    "fp32_compile": ["train.amp=none", "train.channels_last=false", "train.compile=true"],
 }
 DATA_VARIANTS: Dict[str, List[str]] = {
     "workers2": ["data.workers=2", "data.cache=false"],
@@ -131,8 +132,9 @@ def peak_gib(device):
 def synthetic_batch(args, device, seed=0):
     import torch
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(0, 256, (args.batch, 3, args.imgsz, args.imgsz), dtype=torch.uint8, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 256, (args.batch, 3, args.imgsz, args.imgsz), dtype=torch.uint8, generator=g,
+                         device=device)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ def write_profile(args, ac, xs, name: str) -> str:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ac.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        for i in range(5):
+        for i in range(3):
             ac.train_step(xs[i % 2])
         sync(ac.device)
     path = Path(args.out) / f"profile_{name}.txt"
@@ -238,7 +240,7 @@ def write_profile(args, ac, xs, name: str) -> str:
     parts = []
     for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
-            parts.append(f"## sorted by {key} (5 steps, batch {args.batch}, {args.imgsz} px)\n"
+            parts.append(f"## sorted by {key} (3 steps, batch {args.batch}, {args.imgsz} px)\n"
                          + ka.table(sort_by=key, row_limit=35, max_name_column_width=60))
             if "cpu" not in key:
                 parts.append("## CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15,
