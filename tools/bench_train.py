@@ -49,6 +49,9 @@ DATA_VARIANTS: Dict[str, List[str]] = {
     "workers2": ["data.workers=2", "data.cache=false"],
     "auto": ["data.workers=auto", "data.cache=false"],
     "auto_ram": ["data.workers=auto", "data.cache=ram"],
+    "w4_ram": ["data.workers=4", "data.cache=ram"],
+    "w8_ram": ["data.workers=8", "data.cache=ram"],
+    "w15_ram": ["data.workers=15", "data.cache=ram"],
 }
 
 
@@ -61,14 +64,14 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default="results/bench_train")
-    p.add_argument("--variants", nargs="*", default=["fp32", "bf16", "bf16_cl", "tbf16_cl"],
+    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_cl", "bf16_cl", "tbf16_cl"],
                    help=f"act speed variants, synthetic batches (known: {', '.join(VARIANTS)}; or NAME=ov1,ov2)")
-    p.add_argument("--real", nargs="*", default=["fp32+workers2", "bf16_cl+auto", "bf16_cl+auto_ram"],
+    p.add_argument("--real", nargs="*", default=["fp32+workers2", "fp32+auto", "fp32+auto_ram", "fp32+w15_ram"],
                    help=f"VARIANT+DATA pairs run with the real loader (data: {', '.join(DATA_VARIANTS)})")
-    p.add_argument("--profile", nargs="*", default=["bf16_cl"], help="variants to profile (synthetic)")
+    p.add_argument("--profile", nargs="*", default=["fp32"], help="variants to profile (synthetic)")
     p.add_argument("--compile-timeout", type=int, default=240, help="s; the compile variant runs in a subprocess")
     p.add_argument("--ddp", type=int, default=None, help="GPUs for the DDP row (default: all visible if > 1)")
-    p.add_argument("--ddp-variant", default="bf16_cl+auto_ram")
+    p.add_argument("--ddp-variant", default="fp32+auto_ram")
     p.add_argument("--plain-amp", action="store_true", help="also a plain bf16 channels_last row")
     p.add_argument("--device", default="cuda")
     p.add_argument("--time-budget", type=float, default=None, help="s; rows that would start later are skipped")
@@ -276,10 +279,16 @@ def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
     float(stats["loss"])
     sync(ac.device)
     dt = time.perf_counter() - t
-    # the loader alone (no GPU work): what the CPU side can deliver
+    # the loader alone (no GPU work): what the CPU side can deliver. The prefetch queue is full at first, so
+    # drain it for workers x prefetch_factor batches, then time as many again
+    from act.pipeline import resolve_workers as _rw
+
+    ahead = max(1, _rw(ac.cfg.data.workers, 1)) * ac.cfg.data.prefetch_factor
+    for _ in range(ahead):
+        next(batches)
     t = time.perf_counter()
     m = 0
-    for _ in range(max(5, args.iters // 3)):
+    for _ in range(max(8, ahead)):
         m += len(next(batches))
     loader_ips = m / (time.perf_counter() - t)
     from act.pipeline import resolve_workers
