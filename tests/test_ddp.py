@@ -56,3 +56,23 @@ def test_only_rank0_wrote_and_checkpoint_matches(ddp_run):
     saved = ck["model"].state_dict()
     for k, v in s0["state"].items():
         assert torch.equal(saved[k], v), k
+
+
+def test_resume_on_another_number_of_processes(ddp_run, tmp_path):
+    """The 2-rank run's last.pt (iteration 4, 24 samples in) resumed by one process: same stream, next samples."""
+    import shutil
+
+    from act import AutoCompression
+
+    out, (s0, _), _ = ddp_run
+    run = tmp_path / "resumed"
+    shutil.copytree(out, run)
+    cfg = tiny_config(run, data={"imgsz": 96, "batch_size": 2, "augment": True},
+                      train={"iterations": 6, "log_every": 2, "checkpoint_every": 2, "lr": 1e-3},
+                      eval={"before": False, "fidelity": {"images": 2}}, export={"onnx": False})
+    ac = AutoCompression(cfg)
+    ac.run(resume=True)
+    assert len(ac.loss_history) == 2  # iterations 5 and 6 only
+    ck = load_checkpoint(run / "last.pt")
+    assert ck["act"]["iteration"] == 6
+    assert ck["act"]["data_position"] == 24 + 2 * 2  # continues the global stream, one rank of batch 2
