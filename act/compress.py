@@ -158,10 +158,14 @@ class AutoCompression:
         model: nn.Module = D.NodeOutputs(self.student, self.s_capture)
         if self.dist.enabled:
             model = D.wrap_ddp(model, self.device, cfg.train.find_unused_parameters)
-        if cfg.train.compile:
+        from act.quant import fused
+
+        fused.set_enabled(cfg.train.compile == "quantizers")
+        if cfg.train.compile is True:
             if self.dist.enabled:
                 if self.dist.is_main:
-                    print("act: train.compile is not used under DDP (the quantizers all-reduce inside the graph)")
+                    print("act: train.compile=true is not used under DDP (the quantizers all-reduce inside the graph; "
+                          "train.compile=quantizers works)")
             else:
                 model = torch.compile(model)
         self.train_model = model

@@ -171,7 +171,9 @@ class TrainConfig(_Section):
     teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
         None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
     channels_last: bool = Field(False, description="NHWC memory format for teacher, student and batches (CUDA)")
-    compile: bool = Field(False, description="torch.compile the student's forward")
+    compile: Union[bool, Literal["quantizers"]] = Field(
+        False, description="true: torch.compile the student's forward; 'quantizers': compile only the activation "
+                           "quantizers' fake-quant (two small kernels, quick to build)")
     find_unused_parameters: bool = Field(True, description="DDP: allow parameters that get no gradient (e.g. the "
                                                           "DFL decode conv past the distilled nodes)")
 

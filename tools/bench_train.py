@@ -44,6 +44,7 @@ VARIANTS: Dict[str, List[str]] = {
     "tbf16_cl": ["train.amp=none", "train.teacher_amp=bf16", "train.channels_last=true"],
     "bf16_cl_compile": ["train.amp=bf16", "train.channels_last=true", "train.compile=true"],
     "fp32_compile": ["train.amp=none", "train.channels_last=false", "train.compile=true"],
+    "fp32_qcompile": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"],
 }
 DATA_VARIANTS: Dict[str, List[str]] = {
     "workers2": ["data.workers=2", "data.cache=false"],
@@ -64,11 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default="results/bench_train")
-    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_cl", "bf16_cl", "tbf16_cl"],
+    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_qcompile", "fp32_cl", "bf16_cl",
+                                                             "tbf16_cl"],
                    help=f"act speed variants, synthetic batches (known: {', '.join(VARIANTS)}; or NAME=ov1,ov2)")
-    p.add_argument("--real", nargs="*", default=["fp32+workers2", "fp32+auto", "fp32+auto_ram", "fp32+w15_ram"],
+    p.add_argument("--real", nargs="*", default=["fp32+workers2", "fp32+auto", "fp32+auto_ram", "fp32+w15_ram",
+                                                      "fp32_qcompile+auto_ram"],
                    help=f"VARIANT+DATA pairs run with the real loader (data: {', '.join(DATA_VARIANTS)})")
-    p.add_argument("--profile", nargs="*", default=["fp32"], help="variants to profile (synthetic)")
+    p.add_argument("--profile", nargs="*", default=["fp32", "fp32_qcompile"], help="variants to profile (synthetic)")
     p.add_argument("--compile-timeout", type=int, default=240, help="s; the compile variant runs in a subprocess")
     p.add_argument("--ddp", type=int, default=None, help="GPUs for the DDP row (default: all visible if > 1)")
     p.add_argument("--ddp-variant", default="fp32+auto_ram")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from act.quant import fused
+
 QMIN, QMAX = -128, 127
 EPS = 1e-8
 
@@ -45,6 +47,13 @@ class _PactFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, scale, zp):
         a = alpha.detach().abs().to(x.dtype)
+        ctx.x_dtype = x.dtype
+        if fused.ENABLED:  # train.compile: quantizers -- one compiled pass instead of the ops below
+            out, code = fused.kernels()[0](x, a, scale)
+            ctx.save_for_backward(code, alpha)
+            ctx.fused = True
+            return out
+        ctx.fused = False
         xc = torch.clamp(x, -a, a)
         out, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
             _as_float32(xc), scale, zp, torch.ones((), dtype=torch.long, device=x.device), QMIN, QMAX)
@@ -59,6 +68,10 @@ class _PactFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         code, alpha = ctx.saved_tensors
+        if ctx.fused:
+            grad_x, ga = fused.kernels()[1](g, code)
+            ga = (ga * torch.sign(alpha.detach())).to(alpha.dtype) if ctx.needs_input_grad[1] else None
+            return grad_x.to(ctx.x_dtype), ga, None, None
         grad_x = g * (code == 0)
         ga = None
         if ctx.needs_input_grad[1]:
