@@ -129,9 +129,13 @@ class NodeOutputs(nn.Module):
 def wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import inspect
+
     # buffers (quantizer moving averages) are kept equal by the abs-max all-reduce, not re-broadcast every forward
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})  # (the former name is deprecated from torch 2.14)
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False, find_unused_parameters=find_unused, gradient_as_bucket_view=True)
+               find_unused_parameters=find_unused, gradient_as_bucket_view=True, **no_sync)
 
 
 def dump_state(student: nn.Module, rank: int, extra: Optional[Dict[str, Any]] = None) -> None:
