@@ -101,7 +101,8 @@ class StructuredPruner:
             group.prune()
 
     def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
-                 images: Optional[torch.Tensor] = None, progress: Optional[Callable[[Dict], None]] = None) -> Dict:
+                 images: Optional[torch.Tensor] = None, progress: Optional[Callable[[Dict], None]] = None,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict:
         """Prune until the stage's metric (macs | params, of one imgsz image) is as close to `target` as the search
         gets (within `tolerance` unless round_to's staircase has no step there).
         Returns {macs, params, trials, channel_ratio, importance, reached}."""
@@ -122,6 +123,8 @@ class StructuredPruner:
                     prm.grad = torch.zeros_like(prm)
         was = model.training
         means = input_means(model, images) if images is not None and st.bias_compensation else None
+        if means and reduce is not None:  # e.g. the mean over DDP ranks
+            means = {k: reduce(v) for k, v in means.items()}
         cap = st.max_layer_ratio
         trials: Dict[float, float] = {}
         lo, c_lo, hi, c_hi, exponent = 0.0, start, None, None, 2.0

@@ -29,7 +29,6 @@ from act import quant as Q
 from act.checkpoint import load_checkpoint
 from act.compress import AutoCompression, _fmt
 from act.config import RunConfig, SparsityStage, validate_config
-from act.data import as_model_input
 from act.distill import FeatureCapture
 from act.errors import ActError, ConfigError
 from act.latency import ort_latency
@@ -79,6 +78,12 @@ class StageRun(AutoCompression):
         self.prune_steps_done = 0
         self.prune_log: List[Dict[str, Any]] = []
         self._pruning = False
+
+    def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+        """As AutoCompression.run, but the process group (under torchrun) stays up for the next stage."""
+        t0 = time.time()
+        self._prepare_output(resume, exist_ok)
+        return self._run(resume, t0)
 
     # ---- student --------------------------------------------------------------------------------------------------
     def log_dir(self) -> Path:
@@ -152,18 +157,28 @@ class StageRun(AutoCompression):
         base = self.teacher_cost[metric]
         target = base * (1 - (1 - st.target) * k / st.steps)
         have_grads = False
+        # under DDP every rank must remove the same channels: gradients and channel means are rank-averaged
+        reduce = (lambda t: self.dist.sum(t) / self.dist.world_size) if self.dist.enabled else None
         if st.importance == "taylor":
             loss = accumulate_grads(self.student, lambda: self._distill_loss(next(batches)), st.taylor_batches)
+            if reduce is not None:
+                loss = float(reduce(torch.tensor(loss, device=self.device)))
+                for prm in self.student.parameters():
+                    if prm.grad is not None:
+                        prm.grad = reduce(prm.grad)
             have_grads = loss > 1e-9
-        images = as_model_input(next(batches), self.device)  # for bias compensation: input means per channel
+        images = self.model_input(next(batches))  # for bias compensation: input means per channel
         info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(
-            self.student, target, have_grads=have_grads, images=images)
+            self.student, target, have_grads=have_grads, images=images, reduce=reduce)
         self.s_capture.pop()
         self.t_capture.pop()
         info.update(step=k, iteration=it, target=target, time_s=round(time.time() - t0, 2),
                     macs_ratio=info["macs"] / self.teacher_cost[0], params_ratio=info["params"] / self.teacher_cost[1])
         self.prune_log.append(info)
         self.prune_steps_done = k
+        if self.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+        self.setup_train_model()  # new parameters: DDP / compile wrap them afresh
         self.setup_optimizer()
         if it > 0:  # the schedule continues where it was
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda, last_epoch=it - 1)
@@ -175,7 +190,7 @@ class StageRun(AutoCompression):
         self._pruning = False
 
     def _distill_loss(self, images) -> torch.Tensor:
-        images = as_model_input(images, self.device)
+        images = self.model_input(images)
         with torch.no_grad():
             self.teacher(images)
         t_out = {k: v.clone() for k, v in self.t_capture.pop().items()}
@@ -203,7 +218,10 @@ class StageRun(AutoCompression):
             self.student = ckpt["model"].float().to(self.device)
             for p in self.student.parameters():
                 p.requires_grad_(True)
+            if self.channels_last:
+                self.student.to(memory_format=torch.channels_last)
             self.s_capture = FeatureCapture(self.student, [n.name for n in self.nodes])
+            self.setup_train_model()
             self.setup_optimizer()
         self.prune_steps_done = int(st.get("prune_steps_done", 0))
         self.prune_log = list(st.get("prune_log", []))
@@ -265,12 +283,22 @@ def stage_row(s: Dict[str, Any]) -> Dict[str, Any]:
 def run_stages(ac: AutoCompression, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
     """Run the stages of `ac.cfg` in order (see the module doc); returns the top-level summary."""
     cfg, out = ac.cfg, ac.out
+    dist = ac._dist()
+    try:
+        return _run_stages(ac, cfg, out, dist, resume, exist_ok)
+    finally:
+        dist.close()
+
+
+def _run_stages(ac, cfg, out, dist, resume, exist_ok) -> Dict[str, Any]:
+    main = dist.is_main
     t0 = time.time()
     if resume and not (out / STAGE_FILE).is_file():
         raise ActError(f"nothing to resume in {out}: no {STAGE_FILE} (start the run without --resume)")
     ac._prepare_output(resume, exist_ok, marker_name=STAGE_FILE)
     progress = _read_progress(out) if resume else {"done": []}
-    _write_progress(out, progress)
+    if main:
+        _write_progress(out, progress)
     ac.stage_runs = []
     summaries: List[Dict[str, Any]] = []
     prev: Optional[Path] = None
@@ -278,17 +306,20 @@ def run_stages(ac: AutoCompression, resume: bool = False, exist_ok: bool = False
     for i, stage in enumerate(cfg.stages):
         d = stage_dir(out, i, stage)
         if stage.label in progress["done"] and (d / "summary.json").is_file() and (d / "best.pt").is_file():
-            print(f"act: stage {i + 1}/{n} ({stage.label}) done; skipping")
+            if main:
+                print(f"act: stage {i + 1}/{n} ({stage.label}) done; skipping")
             summaries.append(json.loads((d / "summary.json").read_text()))
             prev = d / "best.pt"
             continue
         runner = StageRun(stage_config(cfg, i, out), cfg.stages, i, prev, out / "tensorboard",
                           train_loader=ac.user_loader, eval_fn=ac.user_eval)
+        runner.dist = dist
         ac.stage_runs.append(runner)
         again = resume and (d / "last.pt").is_file()
         progress["current"] = stage.label
-        _write_progress(out, progress)
-        print(f"act: stage {i + 1}/{n}: {stage.label} ({stage.type})" + (" (resuming)" if again else ""))
+        if main:
+            _write_progress(out, progress)
+            print(f"act: stage {i + 1}/{n}: {stage.label} ({stage.type})" + (" (resuming)" if again else ""))
         try:
             s = runner.run(resume=again, exist_ok=True)
         except ActError as e:
@@ -297,14 +328,18 @@ def run_stages(ac: AutoCompression, resume: bool = False, exist_ok: bool = False
                                f"last.pt saved. Resume with: act compress --config {out / 'config.yaml'} --resume"
                                ) from None
             raise
-        summaries.append(s)
         progress["done"].append(stage.label)
-        _write_progress(out, progress)
         prev = d / "best.pt"
+        if not main:
+            continue
+        summaries.append(s)
+        _write_progress(out, progress)
         c = s.get("cost", {})
         lat = s.get("latency", {}).get("onnxruntime_cpu", {}).get("median_ms")
         print(f"act: stage {stage.label} done: {c.get('macs_ratio')}x MACs, {c.get('params_ratio')}x params"
               + (f", ORT CPU {lat} ms" if lat is not None else "") + f"; {_fmt(s['metrics']['best'])}")
+    if not main:
+        return {"rank": dist.rank, "stages": [s.label for s in cfg.stages]}
     last = stage_dir(out, n - 1, cfg.stages[-1])
     for name in ("best.pt", "last.pt", "student.onnx"):
         if (last / name).is_file():
