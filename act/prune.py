@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch_pruning as tp
@@ -218,12 +218,3 @@ def compensate_bias(group, DG, names: Dict[nn.Module, str], means: Dict[str, tor
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
                                                  dtype=conv.weight.dtype))
         conv.bias.data += shift.to(conv.bias.dtype)
-
-
-def channel_summary(model: nn.Module) -> Dict[str, int]:
-    """Output channels of every conv, by module name (for the report and tests)."""
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-
-
-def iter_convs(model: nn.Module) -> Iterable[Tuple[str, nn.Conv2d]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
