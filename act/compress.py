@@ -81,6 +81,9 @@ def build_student(teacher: nn.Module, cfg: RunConfig, family) -> nn.Module:
         p.requires_grad_(True)
     if cfg.quant.enabled:
         Q.quantize(student, cfg.quant, skip=family.float_patterns)
+        from act.quant.placement import apply_placement
+
+        student.act_placement = apply_placement(student, cfg.quant, family, reference=teacher)
     return student
 
 

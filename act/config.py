@@ -119,6 +119,20 @@ class ActivationQuantConfig(_Section):
     alpha_weight_decay: float = Field(0.0, ge=0)
 
 
+class PlacementConfig(_Section):
+    """Where quantizers go besides every conv input and weight, and which share one scale (act.quant.placement)."""
+
+    preset: Literal["auto", "tensorrt", "conv"] = Field(
+        "auto", description="auto: the model family's default (tensorrt for Ultralytics); tensorrt: the rules below "
+                            "that let TensorRT fuse without reformat layers; conv: conv inputs and weights only"
+    )
+    concat: Optional[bool] = Field(None, description="one shared scale for every Concat input and its readers")
+    residual_add: Optional[bool] = Field(None, description="quantize both inputs of residual Adds")
+    maxpool: Optional[bool] = Field(None, description="MaxPool input and output share one scale")
+    upsample: Optional[bool] = Field(None, description="Upsample input quantized, sharing the scale of its output")
+    fanout: Optional[bool] = Field(None, description="quantizers of one tensor are one quantizer")
+
+
 class QuantConfig(_Section):
     enabled: bool = True
     weight: WeightQuantConfig = Field(default_factory=WeightQuantConfig)
@@ -130,6 +144,7 @@ class QuantConfig(_Section):
                           "start the moving averages and PACT alphas, instead of calibrating on calib_batches"
     )
     quantize_linear: bool = True
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
 class TrainConfig(_Section):
