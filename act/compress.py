@@ -31,7 +31,7 @@ from act.data import (InfiniteLoader, as_model_input, build_loader, iterations_f
 from act.distill import DistillLoss, FeatureCapture, find_nodes
 from act.errors import ActError, ConfigError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
-from act.export import export_onnx, parity, qdq_summary
+from act.export import export_onnx, lint_after_export, parity, qdq_summary
 from act.fidelity import FidelityEvaluator
 from act.monitor import RunLogger
 from act.quant.calib import get_ranges, set_ranges
@@ -504,11 +504,20 @@ class AutoCompression:
             t1 = time.time()
             onnx_path = export_onnx(best_student, self.out / "student.onnx", self.family, cfg.data.imgsz,
                                     cfg.export.batch, cfg.export.opset, cfg.export.dynamic,
-                                    metadata={"act": json.dumps({"best_iteration": self.best_iteration})})
+                                    metadata={"act": json.dumps({"best_iteration": self.best_iteration})},
+                                    simplify=cfg.export.simplify,
+                                    skip=list(cfg.quant.skip) + list(self.family.float_patterns))
             images = self.parity_images()
             par = parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance,
                          raise_on_fail=False)
             summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
+            summary["onnx"]["lint"] = lint_after_export(onnx_path)
+            if getattr(self.student, "act_placement", None):
+                summary["placement"] = self.student.act_placement
+            if cfg.export.tensorrt.enabled:
+                from act.engine import build_engine
+
+                summary["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), cfg.export.tensorrt)
             summary["time_s"]["export"] = round(time.time() - t1, 2)
             self._write_summary(summary)
             if not par["passed"]:

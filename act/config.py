@@ -221,6 +221,33 @@ class EvalConfig(_Section):
         return v
 
 
+class TensorRTConfig(_Section):
+    """`act export --engine` / export.tensorrt: TensorRT engine from the Q/DQ ONNX (act.engine)."""
+
+    enabled: bool = Field(False, description="build student.engine after the ONNX export of act compress / ptq")
+    strongly_typed: Union[Literal["auto"], bool] = Field(
+        "auto", description="auto: a strongly typed network where TensorRT supports it (>= 9), else INT8+FP16 flags"
+    )
+    fp16: bool = Field(True, description="weakly typed builds only: float layers (decode, attention) in FP16")
+    min_batch: int = Field(1, ge=1, description="optimization profile of a dynamic-batch ONNX")
+    opt_batch: int = Field(1, ge=1)
+    max_batch: int = Field(8, ge=1)
+    workspace_gib: Optional[float] = Field(4.0, gt=0, description="workspace memory pool limit; null: TensorRT's")
+    timing_cache: Optional[str] = Field(
+        "timing.cache", description="timing cache file reused across builds (relative: next to the engine); null: off"
+    )
+    dla_core: Optional[int] = Field(None, ge=0, description="DLA core (Jetson/DRIVE), layers DLA lacks on the GPU")
+    gpu_fallback: bool = True
+    optimization_level: Optional[int] = Field(None, ge=0, le=5, description="builder optimization level (default 3)")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch (got {self.min_batch}, {self.opt_batch}, "
+                             f"{self.max_batch})")
+        return self
+
+
 class ExportConfig(_Section):
     onnx: bool = True
     opset: int = Field(17, ge=13, le=21)
@@ -231,6 +258,7 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(
         1e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 
 
 class RunConfig(_Section):
@@ -330,6 +358,10 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid config:\n  eval.data: file not found (got {cfg.eval.data!r})")
     if cfg.quant.init_from and not Path(cfg.quant.init_from).is_file():
         raise ConfigError(f"invalid config:\n  quant.init_from: file not found (got {cfg.quant.init_from!r})")
+    if cfg.export.tensorrt.enabled:
+        from act.engine import import_tensorrt
+
+        import_tensorrt()  # export.tensorrt.enabled without TensorRT: exit 2 now, not after training
     for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):
         problem = src and resolve_source_exists(src)
         if problem:
