@@ -12,8 +12,8 @@ Errors (exit code 1):
 Info (exit code 0): layers kept float on purpose (quant.skip, written into the ONNX metadata by act), float ops
 TensorRT runs in FP16/FP32 (attention MatMul/Softmax), the decode.
 
-The decode is everything downstream of the head's last convs; a "last conv" is a Conv after which no conv with a
-quantized weight follows (so the DFL conv of the decode counts as decode, not as a conv to check).
+The decode is everything downstream of the head's last convs; a "last conv" is a Conv after which no other conv
+follows but the DFL's fixed conv (one output channel reading a Softmax), which is part of the decode.
 Exit codes: 0 clean, 1 findings, 2 unreadable input.
 """
 
@@ -195,10 +195,26 @@ def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequenc
     order = g.nodes
     index = {id(n): i for i, n in enumerate(order)}
 
-    def is_qconv(n) -> bool:
-        return n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and g.dq_scale(n.input[1]) is not None
+    def weight_of(n) -> Optional[np.ndarray]:
+        if len(n.input) < 2:
+            return None
+        w = g.const.get(n.input[1])
+        src = g.src(n.input[1])
+        while w is None and src is not None and src.op_type in QDQ:
+            w = g.const.get(src.input[0])
+            src = g.src(src.input[0])
+        return w
 
-    # reach[n]: a conv with a quantized weight follows n somewhere downstream
+    def is_qconv(n) -> bool:
+        """A conv of the network proper: any conv but the DFL's fixed expectation conv of the decode (one output
+        channel, reading a Softmax)."""
+        if n.op_type not in ("Conv", "ConvTranspose"):
+            return False
+        w = weight_of(n)
+        src = g.src(n.input[0])
+        return not (w is not None and w.ndim and w.shape[0] == 1 and src is not None and src.op_type == "Softmax")
+
+    # reach[n]: a conv of the network proper follows n somewhere downstream
     reach = [False] * len(order)
     for i in range(len(order) - 1, -1, -1):
         for o in order[i].output:
@@ -249,10 +265,7 @@ def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequenc
             if w_scale is None:
                 report.add("error", "conv_weight_float", where, "weight is not quantized (no DequantizeLinear)")
             else:
-                w = g.const.get(g.src(n.input[1]).input[0])
-                wq_src = g.src(g.src(n.input[1]).input[0])
-                if w is None and wq_src is not None and wq_src.op_type == "QuantizeLinear":
-                    w = g.const.get(wq_src.input[0])
+                w = weight_of(n)
                 out_ch = w.shape[0] if w is not None and w.ndim else None
                 if w_scale.size == 1 and out_ch != 1:
                     report.add("error", "weight_per_tensor", where, "weight quantized per tensor; use per output "
