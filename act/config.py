@@ -255,8 +255,12 @@ class ExportConfig(_Section):
     batch: int = Field(1, ge=1)
     simplify: bool = True
     parity_images: int = Field(4, ge=1)
+    # Rounding flips alone (a value on a rounding boundary lands one step apart in onnxruntime and torch, and the
+    # flip travels downstream) measured 0.004-0.014 relative L2 on yolo11n-pose (96-640 px, PTQ and QAT students);
+    # 1% failed healthy exports. Gross export mistakes (layout, decode, a missing branch) are far above 3%; subtle
+    # placement problems (one conv's input left float moves it by ~0.004) are the Q/DQ linter's job, not parity's.
     parity_tolerance: float = Field(
-        1e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
+        3e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 

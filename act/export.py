@@ -104,13 +104,14 @@ def onnx_outputs(path: Path, images: torch.Tensor, batch: Optional[int] = None, 
     return np.concatenate(outs)
 
 
-def parity(student: nn.Module, path: Path, family, images: torch.Tensor, tolerance: float = 1e-2,
+def parity(student: nn.Module, path: Path, family, images: torch.Tensor, tolerance: float = 3e-2,
            raise_on_fail: bool = True) -> Dict[str, float]:
     """Compare onnxruntime with the torch student on real images.
 
     Fake-quant in torch and QuantizeLinear in onnxruntime round the same way, but float sums differ in the last bits,
     so a value on a rounding boundary can land one quantization step apart and the flip travels downstream. The check
-    therefore bounds the relative L2 error (default 1%) and reports the worst element too.
+    therefore bounds the relative L2 error (default 3%, see ExportConfig.parity_tolerance) and reports the worst
+    element too.
     """
     t = torch_outputs(student, family, images)
     o = onnx_outputs(path, images)
