@@ -41,11 +41,11 @@ class TensorRTMissing(ActError):
 INSTALL_HINT = "pip install act[tensorrt]  (or NVIDIA's `tensorrt` wheel matching your CUDA; needs an NVIDIA GPU)"
 
 
-def import_tensorrt():
+def import_tensorrt(purpose: str = "building a TensorRT engine"):
     try:
         import tensorrt as trt  # noqa: F401
     except ImportError as e:
-        raise TensorRTMissing(f"building a TensorRT engine needs the `tensorrt` Python package, which is not installed "
+        raise TensorRTMissing(f"{purpose} needs the `tensorrt` Python package, which is not installed "
                               f"here ({e}). Install it with: {INSTALL_HINT}") from None
     except Exception as e:  # e.g. the wheel is there but libnvinfer / the CUDA driver is not
         raise TensorRTMissing(f"the `tensorrt` package is installed but cannot load ({type(e).__name__}: {e}). "
