@@ -490,6 +490,8 @@ class AutoCompression:
             "nonfinite_steps": self.nonfinite_steps,
             "settings": cfg.dump(),
         }
+        if getattr(self.student, "act_placement", None):
+            summary["placement"] = self.student.act_placement  # Q/DQ placement rules and shared-scale groups
         if self.fidelity_paths:
             summary["fidelity_images"] = {"count": len(self.fidelity_paths), "held_out": self.fidelity_held_out,
                                           "first": str(self.fidelity_paths[0])}
@@ -512,8 +514,6 @@ class AutoCompression:
                          raise_on_fail=False)
             summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
             summary["onnx"]["lint"] = lint_after_export(onnx_path)
-            if getattr(self.student, "act_placement", None):
-                summary["placement"] = self.student.act_placement
             if cfg.export.tensorrt.enabled:
                 from act.engine import build_engine
 
