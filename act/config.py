@@ -128,7 +128,8 @@ class PlacementConfig(_Section):
     )
     concat: Optional[bool] = Field(None, description="one shared scale for every Concat input and its readers")
     residual_add: Optional[bool] = Field(None, description="quantize both inputs of residual Adds")
-    maxpool: Optional[bool] = Field(None, description="MaxPool input and output share one scale")
+    maxpool: Optional[bool] = Field(None, description="MaxPool input and output share one scale (in SPPF every pool "
+                                                     "output is also a Concat input, so concat implies it)")
     upsample: Optional[bool] = Field(None, description="Upsample input quantized, sharing the scale of its output")
     fanout: Optional[bool] = Field(None, description="quantizers of one tensor are one quantizer")
 

@@ -10,8 +10,8 @@ flag is chosen, the comment names the TensorRT documentation page that says why:
            https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
   [EQ]     Developer guide, Explicit Quantization:
            https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html
-  [DLA]    Developer guide, Working with DLA:
-           https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-with-dla.html
+  [DLA]    Developer guide, Working with DLA / GPU Fallback Mode (DLA is absent from TensorRT 11.0 and 11.1):
+           https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-runtime-configuration.html
   [TC]     Developer guide, Timing cache:
            https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/advanced.html#timing-cache
 
@@ -188,6 +188,9 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg=None, metadata: Optiona
 
     if cfg.dla_core is not None:
         # [DLA] run on a DLA core; layers DLA cannot run fall back to the GPU with BuilderFlag.GPU_FALLBACK
+        if trt.__version__.startswith(("11.0.", "11.1.")):
+            raise ActError(f"export.tensorrt.dla_core: TensorRT {trt.__version__} has no DLA support (11.0 and 11.1 "
+                           f"dropped it); build with TensorRT 10.x")
         if getattr(builder, "num_DLA_cores", 0) <= cfg.dla_core:
             raise ActError(f"export.tensorrt.dla_core: {cfg.dla_core}, but this device has "
                            f"{getattr(builder, 'num_DLA_cores', 0)} DLA cores (DLA exists on Jetson / DRIVE only)")
