@@ -301,7 +301,8 @@ def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequenc
                 report.add("error", "add_half_quantized", where, "one input quantized, the other float: TensorRT "
                                                                  "dequantizes to float for this Add")
             elif not any(q) and not any(const):
-                report.add("info", "float_op", where, f"{op} of float tensors (TensorRT runs it in FP16/FP32)")
+                report.add("info", "float_op", where, f"{op} of float tensors (TensorRT runs it in FP16/FP32; "
+                                                      f"quantized inputs would let it run INT8)")
         elif op in ("MatMul", "Gemm", "Softmax") and out_float:
             if not all(g.dq_scale(t) is not None for t in n.input[:2]):
                 report.add("info", "float_op", where, f"{op} runs in FP16/FP32 (not quantized)")
