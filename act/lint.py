@@ -30,6 +30,7 @@ from act.errors import ActError
 
 SKIP_METADATA_KEY = "act_quant_skip"  # JSON list of module-name patterns kept float on purpose (quant.skip)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+PIECES = ("Split", "Slice")  # TensorRT propagates DQ forward through them (C2f's chunk of a quantized conv output)
 
 
 class LintInputError(ActError):
@@ -156,6 +157,8 @@ class _Graph:
     def dq_scale(self, tensor: str) -> Optional[np.ndarray]:
         """The scale of the DequantizeLinear producing `tensor`, or None if it is not dequantized."""
         n = self.src(tensor)
+        while n is not None and n.op_type in PIECES:  # a piece of a dequantized tensor carries its scale
+            n = self.src(n.input[0])
         if n is None or n.op_type != "DequantizeLinear":
             return None
         s = self.const.get(n.input[1])

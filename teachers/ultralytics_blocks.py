@@ -10,7 +10,8 @@ https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quan
   * MaxPool / nearest Upsample commute with quantization: with the same scale on input and output they run in INT8.
 This module swaps the class of the Ultralytics blocks that hold those ops for a subclass whose forward is the
 original one with quantizers at those places (state dict, attributes and isinstance stay the same). One quantizer
-per Concat (all its inputs), two per residual Add, one per Upsample input; `act.quant.placement` then merges the
+per Concat (all its inputs; for C2f/C2PSA the conv output before its chunk/split, as NVIDIA's YOLO QAT examples
+do), two per residual Add, one per Upsample input; `act.quant.placement` then merges the
 quantizers that must share a scale (the same tensor, a Concat's inputs and the convs reading its output, ...) into
 one module.
 
@@ -37,10 +38,10 @@ class _QuantBlock:
 
 
 def _c2f_forward(self, x):
-    y = list(self.cv1(x).chunk(2, 1))
+    q = self.cat_quantizer  # on cv1's output before the chunk (its conv writes INT8 once), and on each block output
+    y = list(q(self.cv1(x)).chunk(2, 1))
     y.extend(m(y[-1]) for m in self.m)
-    q = self.cat_quantizer
-    return self.cv2(torch.cat([q(t) for t in y], 1))
+    return self.cv2(torch.cat(y[:2] + [q(t) for t in y[2:]], 1))
 
 
 def _c3_forward(self, x):
@@ -66,10 +67,10 @@ def _bottleneck_forward(self, x):
 
 
 def _c2psa_forward(self, x):
-    a, b = self.cv1(x).split((self.c, self.c), dim=1)
-    b = self.m(b)
     q = self.cat_quantizer
-    return self.cv2(torch.cat((q(a), q(b)), 1))
+    a, b = q(self.cv1(x)).split((self.c, self.c), dim=1)
+    b = self.m(b)
+    return self.cv2(torch.cat((a, q(b)), 1))
 
 
 def _psablock_forward(self, x):

@@ -40,7 +40,8 @@ def test_shared_scale_trains_as_one(monkeypatch):
     _, _, _, placed, images = H.models()
     st = copy.deepcopy(placed).train()
     q = st.model[2].cat_quantizer
-    assert q.calls_per_step == 6  # 3 Concat inputs + the conv reading it + the Bottleneck's cv1 + residual input
+    assert q.calls_per_step == 5  # cv1 output (before its chunk), the Bottleneck output, cv2 (reading the Concat),
+    # the Bottleneck's cv1 and residual input
     seen = []
     h = q.register_forward_pre_hook(lambda m, a: seen.append(float(a[0].detach().abs().max())))
     opt = torch.optim.SGD([p for p in st.parameters() if p.requires_grad], lr=1e-2)
@@ -52,8 +53,8 @@ def test_shared_scale_trains_as_one(monkeypatch):
         before = float(q.running_absmax)
         alpha = abs(float(q.alpha))
         out = st(images)
-        # one moving-average step per forward, with the max over all six calls (PACT-clipped)
-        assert len(seen) == 6 and q._pending_calls == 0
+        # one moving-average step per forward, with the max over all five calls (PACT-clipped)
+        assert len(seen) == 5 and q._pending_calls == 0
         assert float(q.running_absmax) == pytest.approx(0.9 * before + 0.1 * min(max(seen), alpha), rel=1e-5)
         loss = sum(o.float().pow(2).mean() for o in _flat(out))
         opt.zero_grad()

@@ -109,13 +109,21 @@ def compute_groups(model: nn.Module, trace, rules: Dict[str, bool]) -> List[List
     if rules.get("fanout"):
         for qids in by_key.values():
             uf.union(qids)
+    quantized_pieces = {k for op in trace.ops if op.kind == "split" and by_key.get(op.inputs[0]) for k in op.outputs}
+    piece_of = {k: op.inputs[0] for op in trace.ops if op.kind == "split" for k in op.outputs}
     for op in trace.ops:
+        if op.kind == "split":  # the pieces of a quantized tensor carry its scale: part of the same fan-out
+            if rules.get("fanout"):
+                uf.union(by_key.get(op.inputs[0], []) + [q for k in op.outputs for q in by_key.get(k, [])])
+            continue
         if not rules.get(op.kind):
             continue
-        members = [q for k in op.inputs for q in by_key.get(k, [])] + by_key.get(op.output, [])
+        members = [q for k in op.inputs for q in by_key.get(k, []) + by_key.get(piece_of.get(k), [])]
+        members += by_key.get(op.output, [])
         if op.kind == "concat":
-            # only a Concat whose inputs are quantized (the head's float concats of the decode are not)
-            if not all(by_key.get(k) for k in op.inputs):
+            # only a Concat whose inputs are quantized (the head's float concats of the decode are not); a piece of
+            # a quantized tensor (C2f's chunks of cv1's output) counts as quantized
+            if not all(by_key.get(k) or k in quantized_pieces for k in op.inputs):
                 continue
         uf.union(members)
     groups: Dict[int, List[int]] = {}

@@ -2,7 +2,8 @@
 Ultralytics models): one forward with every quantizer off, recording
 
   * the tensor each quantizer call sees (forward pre-hooks),
-  * the inputs and output of every torch.cat (a TorchFunctionMode) and of every MaxPool2d / Upsample (module hooks).
+  * the inputs and output of every torch.cat and the pieces of every chunk/split (a TorchFunctionMode), and the
+    input and output of every MaxPool2d / Upsample (module hooks).
 
 Tensors are identified by their storage, offset, shape and strides (a chunk of a tensor is its own view), and kept
 alive during the trace so that no address is reused.
@@ -28,9 +29,10 @@ def tensor_key(t: torch.Tensor) -> Key:
 
 @dataclass
 class Op:
-    kind: str  # "concat", "maxpool", "upsample"
+    kind: str  # "concat", "maxpool", "upsample", "split"
     inputs: List[Key]
     output: Key
+    outputs: List[Key] = field(default_factory=list)  # "split": every piece
 
 
 @dataclass
@@ -56,7 +58,16 @@ class _CatRecorder(TorchFunctionMode):
                 self.keep.extend(tensors)
                 self.keep.append(out)
                 self.trace.ops.append(Op("concat", [tensor_key(t) for t in tensors], tensor_key(out)))
+        elif func in _SPLITS and args and isinstance(args[0], torch.Tensor) and isinstance(out, (list, tuple)):
+            pieces = [t for t in out if isinstance(t, torch.Tensor)]
+            self.keep.append(args[0])
+            self.keep.extend(pieces)
+            self.trace.ops.append(Op("split", [tensor_key(args[0])], tensor_key(args[0]),
+                                     [tensor_key(t) for t in pieces]))
         return out
+
+
+_SPLITS = (torch.Tensor.chunk, torch.Tensor.split, torch.chunk, torch.split)
 
 
 @torch.no_grad()
