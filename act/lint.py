@@ -289,6 +289,12 @@ def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequenc
             elif not _same(scales):
                 report.add("error", "concat_scales", where, f"inputs carry different scales ({_fmt_scales(scales)}): "
                                                             f"TensorRT requantizes instead of eliding the Concat")
+            else:
+                out_q = [np.asarray(g.const.get(r.input[1], np.nan), dtype=np.float64)
+                         for r in g.consumers.get(n.output[0], []) if r.op_type == "QuantizeLinear"]
+                if out_q and not _same([scales[0]] + out_q):
+                    report.add("error", "concat_scales", where, f"output quantized with another scale than its inputs "
+                                                                f"({_fmt_scales([scales[0]] + out_q)}): a requantize")
         elif op in ("MaxPool", "Resize") and out_float:
             s_in = g.dq_scale(n.input[0])
             s_out = g.q_scales_of_readers(n.output[0])

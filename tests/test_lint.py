@@ -51,6 +51,12 @@ def test_finds_concat_with_mismatched_scales():
     H.scale_dq_input(m, cat.input[1], 2.0)
     r = lint_onnx(m)
     assert ("concat_scales", "/model.15/Concat") in {(f.code, f.node) for f in r.errors}, r.text()
+    # the conv reading a Concat's output with another scale than the Concat's inputs: a requantize too
+    m = H.fresh_copy()
+    conv = H.node(m, "/model.16/cv1/conv/Conv")
+    H.scale_dq_input(m, conv.input[0], 1.5)
+    r = lint_onnx(m)
+    assert ("concat_scales", "/model.15/Concat") in {(f.code, f.node) for f in r.errors}, r.text()
 
 
 def test_finds_qdq_in_the_decode():
