@@ -1,8 +1,10 @@
 """Shared, cached objects for the Q/DQ placement / lint / TensorRT tests: one placed yolo11n-pose student
 (calibrated on the packaged images at 96 px, the recipe's quant.skip) and its exports, built once per session."""
 
+import atexit
 import copy
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from conftest import tiny_config
 IMGSZ = 96
 SKIP = ["model.23.cv4.*.2"]  # as configs/yolo11n_pose_qat_mini.yaml
 WORK = Path(tempfile.mkdtemp(prefix="act_qdq_"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
