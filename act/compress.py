@@ -655,7 +655,7 @@ class AutoCompression:
             par = parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance,
                          raise_on_fail=False)
             summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
-            summary["onnx"]["lint"] = lint_after_export(onnx_path)
+            summary["onnx"]["lint"] = lint_after_export(onnx_path, quantized=cfg.quant.enabled)
             if cfg.export.tensorrt.enabled:
                 from act.engine import build_engine
 

@@ -161,9 +161,15 @@ def qdq_summary(path: Path) -> Dict[str, int]:
     }
 
 
-def lint_after_export(path: Path) -> Dict:
-    """The Q/DQ placement linter (act.lint) on a fresh export; prints the findings if any. Returns its summary."""
+def lint_after_export(path: Path, quantized: bool = True) -> Dict:
+    """The Q/DQ placement linter (act.lint) on a fresh export; prints the findings if any. Returns its summary.
+    A float export (quant off, e.g. a prune stage) has no placement to lint: an info-only summary."""
     from act.lint import lint_onnx
+
+    if not quantized:
+        return {"path": str(path), "clean": True, "errors": 0, "infos": 1, "error_counts": {}, "stats": {},
+                "findings": [], "info_codes": ["not_quantized"],
+                "skipped": "not a quantized model (quant disabled): no Q/DQ placement to lint"}
 
     report = lint_onnx(path)
     if not report.clean:

@@ -100,7 +100,11 @@ class StageRun(AutoCompression):
             self.family.prepare_for_pruning(student)
         self.float_cost = model_cost(student, self.cfg.data.imgsz)
         if self.cfg.quant.enabled:
+            from act.quant.placement import apply_placement
+
+            reference = copy.deepcopy(student).eval()  # a pruned student computes what it computed in float
             Q.quantize(student, self.cfg.quant, skip=self.family.float_patterns)
+            student.act_placement = apply_placement(student, self.cfg.quant, self.family, reference=reference)
         return student
 
     def _mask_ignore(self) -> List[str]:

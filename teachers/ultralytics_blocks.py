@@ -44,6 +44,13 @@ def _c2f_forward(self, x):
     return self.cv2(torch.cat(y[:2] + [q(t) for t in y[2:]], 1))
 
 
+def _split_c2f_forward(self, x):
+    q = self.cat_quantizer  # teachers.ultralytics_prune.SplitC2f (a pruned C2f / C3k2): cv0, cv1 and block outputs
+    y = [q(self.cv0(x)), q(self.cv1(x))]
+    y.extend(m(y[-1]) for m in self.m)
+    return self.cv2(torch.cat(y[:2] + [q(t) for t in y[2:]], 1))
+
+
 def _c3_forward(self, x):
     q = self.cat_quantizer
     return self.cv3(torch.cat((q(self.m(self.cv1(x))), q(self.cv2(x))), 1))
@@ -95,8 +102,11 @@ def _specs():
     """(Ultralytics class, its forward act knows, quantized forward, quantizers to add {attr: count}, rule)."""
     from ultralytics.nn.modules import block, conv
 
+    from teachers.ultralytics_prune import SplitC2f
+
     specs = [
         (block.C2f, block.C2f.forward, _c2f_forward, {"cat_quantizer": 1}, "concat"),
+        (SplitC2f, SplitC2f.forward, _split_c2f_forward, {"cat_quantizer": 1}, "concat"),
         (block.C3, block.C3.forward, _c3_forward, {"cat_quantizer": 1}, "concat"),
         (block.SPPF, block.SPPF.forward, _sppf_forward, {"cat_quantizer": 1, "add_quantizers": 2}, "concat"),
         (block.Bottleneck, block.Bottleneck.forward, _bottleneck_forward, {"add_quantizers": 2}, "residual_add"),

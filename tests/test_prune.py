@@ -73,6 +73,22 @@ def test_pruned_and_quantized_models_run_and_load_in_ultralytics(staged, assets_
     assert rows[1]["onnx"]["parity_passed"] and rows[1]["onnx"]["quantize_linear"] > 50
 
 
+def test_pruned_int8_export_lints_clean(staged):
+    """The quant stage places Q/DQ in the pruned student's split C2f blocks (SplitC2f) as TensorRT wants; the FP32
+    prune stage's export is not linted as if it were INT8."""
+    from act.lint import lint_onnx
+
+    _, _, out = staged
+    report = lint_onnx(out / "student.onnx")
+    assert report.clean, report.text()
+    quant = json.loads((out / "stages/2_quant/summary.json").read_text())
+    assert quant["onnx"]["lint"]["clean"] and "skipped" not in quant["onnx"]["lint"]
+    placement = load_checkpoint(out / "best.pt")["model"].act_placement
+    assert placement["shared_groups"] > 10  # SplitC2f concats share one scale
+    fp32 = json.loads((out / "stages/1_prune/summary.json").read_text())["onnx"]["lint"]
+    assert fp32["clean"] and fp32["errors"] == 0 and "not_quantized" in fp32["info_codes"]
+
+
 def test_summary_reports_each_stage(staged):
     _, summary, out = staged
     on_disk = json.loads((out / "summary.json").read_text())
