@@ -63,10 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--importance", choices=["l1", "l2", "group_norm", "lamp", "taylor"], default=None,
                    help="default: the recipe's")
     p.add_argument("--prune-iters", type=int, default=None, help="prune stage iterations, pruning steps included "
-                                                                 "(default 600; --quick 4)")
-    p.add_argument("--prune-steps", type=int, default=None, help="pruning steps (default 3; --quick 2)")
+                                                                 "(default 2000; --quick 4)")
+    p.add_argument("--prune-steps", type=int, default=None, help="pruning steps (default 2; --quick 2)")
     p.add_argument("--step-iters", type=int, default=None, help="distillation iterations between pruning steps "
-                                                                "(default 100; --quick 2)")
+                                                                "(default 200; --quick 2)")
     p.add_argument("--prune-lr", type=float, default=None, help="prune stage learning rate (default: the recipe's)")
     p.add_argument("--quant-iters", type=int, default=None, help="quant stage iterations (default 300; --quick 2)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default: the recipe's; --quick 2)")
@@ -124,9 +124,9 @@ class PruneBench:
         a, q = self.args, self.args.quick
         o = self.b.common("prune_qat") + ["eval.metric=fidelity_pose_map50_95",
                                           f"export.latency_runs={self.latency_runs}"]
-        p_iters = a.prune_iters or (4 if q else 600)
-        steps = a.prune_steps or (2 if q else 3)
-        step_iters = a.step_iters or (2 if q else 100)
+        p_iters = a.prune_iters or (4 if q else 2000)
+        steps = a.prune_steps or 2
+        step_iters = a.step_iters or (2 if q else 200)
         q_iters = a.quant_iters or (2 if q else 300)
         raw = _read_yaml(a.config)
         stages = raw["stages"]
