@@ -102,7 +102,8 @@ def export_checkpoint(path: Path, cfg: Optional[RunConfig], ex, dynamic: bool, b
     images = _parity_images(cfg, int(imgsz), ex.parity_images)
     par = parity(student, onnx_path, family, images, ex.parity_tolerance, raise_on_fail=False)
     result["onnx"] = {"path": str(onnx_path), "dynamic": dynamic, "batch": batch, "imgsz": int(imgsz), "parity": par,
-                      "qdq": qdq_summary(onnx_path), "lint": lint_after_export(onnx_path)}
+                      "qdq": qdq_summary(onnx_path)}
+    result["onnx"]["lint"] = lint_after_export(onnx_path, quantized=result["onnx"]["qdq"]["QuantizeLinear"] > 0)
     log(f"act: wrote {onnx_path} (parity rel L2 {par['rel_l2']:.3g}, lint "
         f"{'clean' if result['onnx']['lint']['clean'] else str(result['onnx']['lint']['errors']) + ' findings'})")
     if not par["passed"]:
