@@ -26,6 +26,21 @@ def _ptq(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    from act.analyze import Analysis
+
+    Analysis(args.config, overrides=args.overrides).run()
+    return 0
+
+
+def _report(args) -> int:
+    from act.report import write_report_from_dir
+
+    paths = write_report_from_dir(args.run_dir)
+    print(f"act: wrote {paths['md']} and {paths['html']}")
+    return 0
+
+
 def _eval(args) -> int:
     from act.artifacts import evaluate_artifacts, markdown_table, write_json
 
@@ -56,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another PTQ run")
     q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ptq.calibrator=entropy ptq.num_images=512")
     q.set_defaults(func=_ptq)
+
+    a = sub.add_parser("analyze", help="per-layer quantization sensitivity (label-free) -> sensitivity.md/.json/.png")
+    a.add_argument("--config", required=True, help="run config YAML; its analyze and ptq sections apply")
+    a.add_argument("overrides", nargs="*", help="key=value overrides, e.g. analyze.images=32 analyze.layers=[model.23.*]")
+    a.set_defaults(func=_analyze)
+
+    r = sub.add_parser("report", help="(re)write report.md / report.html of a finished run directory")
+    r.add_argument("run_dir", help="a run's output_dir (with summary.json)")
+    r.set_defaults(func=_report)
 
     e = sub.add_parser("eval", help="evaluate teachers, act checkpoints and exported models with one metric code")
     e.add_argument("models", nargs="+", metavar="MODEL",

@@ -120,6 +120,12 @@ class AutoCompression:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.train.seed)
+        if cfg.quant.enabled and cfg.quant.skip == "auto":
+            from act.analyze import resolve_auto_skip
+
+            resolve_auto_skip(self)  # the chosen layer names replace 'auto' in self.cfg (and config.yaml)
+            cfg = self.cfg
+            seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)
         self.task = self.family.task(self.teacher)
         self.student = build_student(self.teacher, cfg, self.family)
@@ -372,6 +378,11 @@ class AutoCompression:
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
         from tqdm import tqdm
 
+        if self.cfg.strategy != "qat":  # auto (PTQ probe, QAT if needed) or ptq: act.strategy runs it
+            from act.strategy import run_strategy
+
+            return run_strategy(self.cfg, resume=resume, exist_ok=exist_ok)
+        self.resuming = resume
         t0 = time.time()
         self._prepare_output(resume, exist_ok)
         self.setup()
@@ -394,7 +405,9 @@ class AutoCompression:
             t_cal = time.time()
             self.calibrate(batches)
             self.calibrate_time = time.time() - t_cal
-            if self.cfg.eval.before and self.evaluators:
+            if getattr(self, "known_before", None):
+                before = dict(self.known_before)  # measured by an earlier stage (act.strategy)
+            elif self.cfg.eval.before and self.evaluators:
                 before["teacher"] = self.evaluate(self.teacher, 0)
                 before["student_init"] = self.evaluate(self.student, 0)
                 log.scalars("eval_before/teacher", before["teacher"], 0)
@@ -438,6 +451,9 @@ class AutoCompression:
                                         or res[self.metric] > self.best_metric):
                         self.best_metric, self.best_iteration = res[self.metric], it
                         self.save("best.pt", it, training_state=False)
+                    if self.early_stop(res, it):
+                        self.save("last.pt", it)
+                        break
                 if it % self.cfg.train.checkpoint_every == 0 or is_last:
                     self.save("last.pt", it)
         except KeyboardInterrupt:
@@ -463,6 +479,10 @@ class AutoCompression:
         summary = self.finish(log, before, it, train_time, extra=extra)
         log.close()
         return summary
+
+    def early_stop(self, results: Dict[str, float], iteration: int) -> bool:
+        """Stop training after this eval? (act.strategy sets a target; a plain run trains all its iterations.)"""
+        return False
 
     def finish(self, log, before, it: int, train_time: float, checkpoint: str = "best.pt",
                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -490,6 +510,10 @@ class AutoCompression:
         if self.fidelity_paths:
             summary["fidelity_images"] = {"count": len(self.fidelity_paths), "held_out": self.fidelity_held_out,
                                           "first": str(self.fidelity_paths[0])}
+        if getattr(self, "auto_skip", None):
+            summary["auto_skip"] = self.auto_skip
+        if getattr(self, "decisions", None):
+            summary["decisions"] = self.decisions
         for k, v in (extra or {}).items():
             if isinstance(v, dict) and isinstance(summary.get(k), dict):
                 summary[k].update(v)
@@ -510,6 +534,10 @@ class AutoCompression:
             self._write_summary(summary)
             if not par["passed"]:
                 parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance)  # raises
+        if cfg.report.enabled:
+            from act.report import write_report
+
+            summary["report"] = write_report(self.out, summary, runner=self, log=log, student=best_student)
         self._write_summary(summary)
         print(f"act: done. best {self.metric or 'checkpoint'}: {self.best_metric} at iteration {self.best_iteration}")
         print(f"act: outputs in {self.out}  (ONNX: {self.out / 'student.onnx'}; "

@@ -119,11 +119,94 @@ class ActivationQuantConfig(_Section):
     alpha_weight_decay: float = Field(0.0, ge=0)
 
 
+class TargetConfig(_Section):
+    """When a student is good enough: `metric` >= `min` and/or `metric` >= (the teacher's value - `max_drop`).
+    metric 'auto': fidelity_pose_map50_95 for pose, fidelity_box_map50_95 for detect (label-free; the teacher's own
+    value is 1.0). Any key of the run's eval results works (e.g. pose_map50_95 with eval.data)."""
+
+    metric: str = "auto"
+    min: Optional[float] = Field(None, description="absolute: the metric must reach this")
+    max_drop: Optional[float] = Field(None, ge=0, description="relative: at most this below the teacher's value")
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if self.min is None and self.max_drop is None:
+            raise ValueError("give min (absolute) and/or max_drop (below the teacher)")
+        return self
+
+
+class AutoSkipConfig(_Section):
+    """Budget of `quant.skip: auto`: keep in float the layers whose float copy gains the most (sensitivity ranking),
+    at most `max_layers` of them; with a `target`, only as many as needed to reach it (measured on the analysis
+    images with every chosen layer in float at once)."""
+
+    max_layers: int = Field(3, ge=0, description="at most this many layers stay in float")
+    target: Optional[TargetConfig] = Field(None, description="stop adding layers once the student reaches this; "
+                                                             "metric e.g. fidelity_snr_db_mean, fidelity_pose_map50_95")
+    min_gain: float = Field(0.0, description="only layers whose float copy gains more than this (ranking score)")
+
+
+class AnalyzeConfig(_Section):
+    """`act analyze` (and `quant.skip: auto`): per-layer quantization sensitivity, label-free."""
+
+    images: int = Field(16, ge=1, description="held-out images the errors are measured on (the fidelity slice)")
+    calib_images: Optional[int] = Field(None, ge=1, description="calibration images; default ptq.num_images")
+    layers: List[str] = Field(default_factory=list, description="only these quantized layers (globs / 're:'); "
+                                                                 "default all")
+    rank_by: Literal["snr_db", "fidelity"] = Field(
+        "snr_db", description="snr_db: mean head SNR over the distillation nodes; fidelity: detection fidelity mAP")
+    fidelity_map: bool = Field(False, description="also score every layer's detections against the teacher's (COCO "
+                                                   "mAP; slower, and noisy on few images)")
+    map_top_k: int = Field(3, ge=0, description="with eval.data: labeled mAP of the top-k layers left in float")
+    batch_size: Optional[int] = Field(None, ge=1, description="default: eval.batch_size")
+
+
+class PTQCandidate(_Section):
+    calibrator: Literal["minmax", "percentile", "mse", "entropy"]
+    percentile: float = Field(99.99, gt=0, le=100)
+
+
+def _default_search() -> List[PTQCandidate]:
+    return [PTQCandidate(calibrator="percentile", percentile=99.99),
+            PTQCandidate(calibrator="percentile", percentile=99.999),
+            PTQCandidate(calibrator="mse"), PTQCandidate(calibrator="entropy")]
+
+
+class PruneTarget(_Section):
+    """A speed/size target that asks for a pruning stage."""
+
+    macs_ratio: Optional[float] = Field(None, gt=0, le=1, description="student MACs / teacher MACs at most")
+    params_ratio: Optional[float] = Field(None, gt=0, le=1, description="student params / teacher params at most")
+
+
+class AutoConfig(_Section):
+    """strategy: auto. A PTQ probe (calibrators in `search`, histograms collected once); if its best candidate meets
+    `target` the run stops there; else distillation QAT from that PTQ state, stopping early at an eval where
+    `qat_target` (default: `target`) is met."""
+
+    target: TargetConfig = Field(default_factory=lambda: TargetConfig(min=0.9), description="PTQ is enough when met")
+    qat_target: Optional[TargetConfig] = Field(None, description="QAT early stop; default: target")
+    search: List[PTQCandidate] = Field(default_factory=_default_search, min_length=1)
+    probe_images: Optional[int] = Field(None, ge=1, description="calibration images of the probe; default "
+                                                                "ptq.num_images")
+    prune: Optional[PruneTarget] = Field(None, description="speed/size target: adds a pruning stage")
+
+
+class ReportConfig(_Section):
+    enabled: bool = True
+    latency_runs: int = Field(20, ge=0, description="onnxruntime CPU batch-1 runs per model (median); 0: skip")
+    teacher_onnx: bool = Field(True, description="export the teacher to ONNX for its size and latency")
+
+
+
 class QuantConfig(_Section):
     enabled: bool = True
     weight: WeightQuantConfig = Field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig)
-    skip: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept in float")
+    skip: Union[Literal["auto"], List[str]] = Field(
+        default_factory=list, description="module-name globs (or 're:' regexes) kept in float; 'auto': the most "
+                                          "sensitive layers by `act analyze`, within quant.auto_skip's budget")
+    auto_skip: AutoSkipConfig = Field(default_factory=AutoSkipConfig, description="budget of quant.skip: auto")
     calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages before training")
     init_from: Optional[str] = Field(
         None, description="an act checkpoint (e.g. an `act ptq` output's ptq.pt) whose calibrated activation ranges "
@@ -229,6 +312,11 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     ptq: PTQConfig = Field(default_factory=PTQConfig)
+    strategy: Literal["auto", "ptq", "qat"] = Field(
+        "auto", description="auto: PTQ probe, then QAT only if needed; ptq; qat: distillation QAT")
+    auto: AutoConfig = Field(default_factory=AutoConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     output_dir: str = "runs/act/exp"
 
     def dump(self) -> Dict[str, Any]:

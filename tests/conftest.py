@@ -36,6 +36,7 @@ def tiny_config(out_dir, **sections):
         "quant": {"calib_batches": 2},
         "eval": {"before": False},
         "export": {"parity_images": 2},
+        "strategy": "qat",
         "output_dir": str(out_dir),
     }
     for k, v in sections.items():
