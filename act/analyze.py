@@ -9,13 +9,14 @@ layer (conv/linear with an input and a weight quantizer) is measured twice by sw
 * alone: only this layer quantized, every other layer in float -> the error this layer causes by itself;
 * float: every other layer quantized, this one in float -> what keeping it in float buys (`quant.skip`).
 
-Measures against the teacher (the same as `act.fidelity`): `snr_db` = -10 log10(mean over the distillation nodes of
-|s - t|^2 / |t|^2) (one number, finite as soon as any node is touched), `cos_min` (lowest cosine over the nodes) and,
+Measures against the teacher (the same as `act.fidelity`): `fidelity_snr_db_mean` (the mean over the distillation
+nodes of each node's SNR in dB, the headline of every eval), `snr_db` = -10 log10(mean over the nodes of
+|s - t|^2 / |t|^2) (finite as soon as any node is touched: the 'alone' column), `cos_min` (lowest cosine) and,
 with `analyze.fidelity_map`, the detection fidelity mAP (student detections scored against the teacher's). With
 `eval.data`, the labeled mAP of the all-INT8 student and of the top `analyze.map_top_k` layers left in float.
 
-The ranking score of a layer is its `gain`: the rise of `analyze.rank_by` (snr_db or fidelity mAP) when it alone is
-left in float. `quant.skip: auto` keeps the top layers in float within `quant.auto_skip`'s budget.
+The ranking score of a layer is its `gain`: the rise of `analyze.rank_by` (snr_db: fidelity_snr_db_mean, in dB;
+fidelity: the detection fidelity mAP) when it alone is left in float. `quant.skip: auto` keeps the top layers in float within `quant.auto_skip`'s budget.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 
 from act.errors import ActError, ConfigError
 
-RANK_KEYS = {"snr_db": "snr_db", "fidelity": "fidelity_map"}
+RANK_KEYS = {"snr_db": "fidelity_snr_db_mean", "fidelity": "fidelity_map"}
 
 
 # ---- the measuring engine -----------------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ def markdown(res: SensitivityResult) -> str:
         "# Quantization sensitivity",
         "",
         f"{len(res.layers)} layers, measured on {res.images} held-out images against the teacher (calibrator: "
-        f"{res.calibrator}). All layers INT8: snr_db {_num(base.get('snr_db'))}, cos_min {_num(base.get('cos_min'))}"
+        f"{res.calibrator}). All layers INT8: head SNR {_num(base.get('fidelity_snr_db_mean'))} dB, cos_min "
+        f"{_num(base.get('cos_min'))}"
         + (f", fidelity mAP {_num(base.get('fidelity_map'))}" if "fidelity_map" in base else "") + ".",
         "",
         f"Ranked by **gain**: the rise of `{key}` when only that layer stays in float (all others INT8). "
@@ -212,14 +214,14 @@ def markdown(res: SensitivityResult) -> str:
     ]
     has_map = any("fidelity_map" in r["float"] for r in res.layers)
     has_lab = any("labeled" in r for r in res.layers)
-    head = ["rank", "layer", "params", "gain", "float: snr_db", "alone: snr_db", "alone: cos_min"]
+    head = ["rank", "layer", "params", "gain", "float: head SNR dB", "alone: snr_db", "alone: cos_min"]
     if has_map:
         head += ["float: fidelity mAP", "alone: fidelity mAP"]
     if has_lab:
         head += ["float: labeled mAP"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(res.layers, 1):
-        row = [str(i), f"`{r['name']}`", str(r["params"]), _num(r["gain"]), _num(r["float"].get("snr_db")),
+        row = [str(i), f"`{r['name']}`", str(r["params"]), _num(r["gain"]), _num(r["float"].get("fidelity_snr_db_mean")),
                _num(r["alone"].get("snr_db")), _num(r["alone"].get("cos_min"))]
         if has_map:
             row += [_num(r["float"].get("fidelity_map")), _num(r["alone"].get("fidelity_map"))]
@@ -252,7 +254,7 @@ def plot(res: SensitivityResult, path: Optional[Path] = None, top: int = 40):
     chosen = set((res.auto_skip or {}).get("chosen", []))
     colors = ["tab:red" if nm in chosen else "tab:blue" for nm in names]
     axes[0].barh(names, gains, color=colors)
-    axes[0].set_xlabel(f"gain in {key} when kept in float" + (" (dB)" if key == "snr_db" else ""))
+    axes[0].set_xlabel(f"gain in {key} when kept in float")
     axes[0].set_title("leave one layer in float (others INT8)")
     axes[0].axvline(0, color="k", lw=0.5)
     axes[1].barh(names, alone, color="tab:orange")
@@ -520,7 +522,8 @@ def resolve_auto_skip(runner) -> List[str]:
     decisions.append({"stage": "analyze", "decision": f"keep {len(names)} layer(s) in float",
                       "layers": names, "why": choice["reason"],
                       "top_gains": {x["name"]: round(x["gain"], 4) for x in res.layers[:5]},
-                      "all_int8": {k: res.baseline["int8"].get(k) for k in ("snr_db", "cos_min", "fidelity_map")}})
+                      "all_int8": {k: res.baseline["int8"].get(k) for k in ("fidelity_snr_db_mean", "snr_db", "cos_min",
+                                                                            "fidelity_map")}})
     print(f"act: decision: quant.skip auto -> {names} ({choice['reason']})")
     if (out / "config.yaml").exists() or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)

@@ -318,6 +318,10 @@ def _write_report(out: Path, summary, runner, log, student, teacher, family) -> 
             t_row["latency_ms"] = ort_latency_ms(t_onnx, rep.latency_runs)
     for r in rows[1:-1]:
         r.update({k: v for k, v in s_row.items() if k in dict(COST_COLUMNS)})
+    from act.targets import teacher_value
+
+    for k in {k for r in rows[1:] for k in r if k.startswith("fidelity_")}:
+        t_row.setdefault(k, teacher_value(k, None))  # the teacher against itself: 1.0 (SNR inf)
     table = _table(rows)
 
     # figures
@@ -360,7 +364,8 @@ def _write_report(out: Path, summary, runner, log, student, teacher, family) -> 
     title = f"act report: {Path(summary['teacher']).name} -> INT8 ({summary.get('mode', 'qat')})"
     strategy = summary.get("strategy") or {}
     facts = [f"run: `{out}`", f"teacher: `{summary['teacher']}`, task {summary.get('task')}, imgsz {imgsz}",
-             f"strategy: {cfg.strategy}" + (f" (stopped at stage {strategy.get('stage')})" if strategy else ""),
+             f"strategy: {strategy.get('name', cfg.strategy)}"
+             + (f" (finished at stage {strategy.get('stage')})" if strategy else ""),
              f"iterations: {summary.get('iterations')} (best {summary.get('best_iteration')})",
              f"quantized layers: {summary.get('quantized_layers')}"]
     if summary.get("auto_skip"):
@@ -371,7 +376,7 @@ def _write_report(out: Path, summary, runner, log, student, teacher, family) -> 
     if par:
         facts.append(f"ONNX parity vs torch: rel L2 {par.get('rel_l2', float('nan')):.2e} "
                      f"({'passed' if par.get('passed') else 'FAILED'})")
-    captions = {"before_after": "Before / after", "curves": "Loss and metrics during training",
+    captions = {"before_after": "Before / after (chart)", "curves": "Loss and metrics during training",
                 "ptq_probe": "PTQ probe", "sensitivity": "Quantization sensitivity (act analyze)"}
     md = [f"# {title}", ""] + [f"- {f}" for f in facts] + ["", "## Before / after", "", _md_table(table), ""]
     if decisions:
