@@ -44,27 +44,45 @@ RANK_KEYS = {"snr_db": "fidelity_snr_db_mean", "fidelity": "fidelity_map"}
 
 # ---- the measuring engine -----------------------------------------------------------------------------------------
 class LayerToggle:
-    """Switch the quantizers of single layers of a fake-quantized model on and off (eval mode, ranges fixed).
+    """Switch single layers of a fake-quantized model between INT8 and float (eval mode, ranges fixed).
+
+    A layer is a conv/linear with its weight quantizer and its input quantizer. With the TensorRT Q/DQ placement an
+    input quantizer may be one module shared by every reader of a tensor, and there are quantizers outside conv
+    inputs (Concat, residual Add, Upsample): `set(quantized)` gives a layer whose state differs from the rest a
+    private copy of its input quantizer, so that exactly that conv changes. The other quantizers (shared and
+    extra) follow the majority: on when at most one layer is float ('float' mode, all on), else off ('alone' mode).
 
     With `cache_weights=True` each layer's fake-quantized weight is computed once and swapped in while the layer is
-    on (the weight quantizer then stays off): the same numbers, a quarter less time per forward. `restore()` puts
-    the float weights back and every quantizer on."""
+    on (the weight quantizer then stays off): the same numbers, less time per forward. `restore()` puts the original
+    quantizers and float weights back, every quantizer on."""
 
     def __init__(self, model: nn.Module, cache_weights: bool = False):
-        from act.quant import quantized_modules
+        from act.quant import activation_quantizers, quantized_modules
 
         self.layers = quantized_modules(model)
+        self.quantizers = list(activation_quantizers(model).values())  # each shared module once
+        self.orig_iq = {n: m.input_quantizer for n, m in self.layers.items()}
+        self.private = {n: copy.deepcopy(q) for n, q in self.orig_iq.items()}
         self.cached = None
         if cache_weights:
             with torch.no_grad():
                 self.cached = {n: (m.weight.data, m.weight_quantizer(m.weight.data).detach().clone())
                                for n, m in self.layers.items()}
 
-    def set(self, quantized: Sequence[str]) -> None:
+    def set(self, quantized: Sequence[str], others: Optional[bool] = None) -> None:
         on = set(quantized)
+        if others is None:
+            others = len(on) >= len(self.layers) - 1
+        for q in self.quantizers:
+            q.mode = "quant" if others else "off"
         for name, m in self.layers.items():
             q = name in on
-            m.input_quantizer.mode = "quant" if q else "off"
+            if q == others:
+                m.input_quantizer = self.orig_iq[name]
+            else:
+                priv = self.private[name]
+                priv.mode = "quant" if q else "off"
+                m.input_quantizer = priv
             if self.cached is None:
                 m.weight_quantizer.enabled = q
             else:
@@ -540,7 +558,7 @@ def resolve_auto_skip(runner) -> List[str]:
                               a.batch_size or cfg.eval.batch_size, cfg.eval.fidelity.teacher_conf, a.fidelity_map)
 
     def measure(float_layers):
-        toggle.set([n for n in toggle.layers if n not in set(float_layers)])
+        toggle.set([n for n in toggle.layers if n not in set(float_layers)], others=True)
         try:
             return probe.measure(fidelity_map=True)
         finally:

@@ -14,6 +14,16 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 def _compress(args) -> int:
     from act.compress import AutoCompression
 
+    if args.devices and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from act.dist import launch, parse_devices
+
+        devices = parse_devices(args.devices)
+        if len(devices) > 1:  # one process per device, through torchrun
+            child = ["compress", "--config", args.config] + (["--resume"] if args.resume else []) + (
+                ["--exist-ok"] if args.exist_ok else []) + list(args.overrides)
+            return launch(devices, child)
+        args.overrides = list(args.overrides) + [
+            "train.device=" + ("cpu" if devices[0] == "cpu" else f"cuda:{devices[0]}")]
     runner = AutoCompression(args.config, overrides=args.overrides)
     runner.run(resume=args.resume, exist_ok=args.exist_ok)
     return 0
@@ -55,6 +65,20 @@ def _eval(args) -> int:
     return 0
 
 
+def _lint(args) -> int:
+    from act.lint import main_lint
+
+    return main_lint(args.model, as_json=args.json, skip=args.skip)
+
+
+def _export(args) -> int:
+    from act.deploy import export
+
+    export(args.source, engine=args.engine, dynamic=True if args.dynamic else None, batch=args.batch,
+           imgsz=args.imgsz, out=args.out, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="act", description="Auto-compression for Ultralytics YOLO models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="run config YAML (see configs/)")
     c.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
     c.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another run")
+    c.add_argument("--devices", help="data-parallel over these devices, one process each through torchrun: GPU "
+                                     "indices '0,1', or 'cpu,cpu' for CPU processes (gloo); data.batch_size is per "
+                                     "device (docs/scale.md)")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=200 data.imgsz=320")
     c.set_defaults(func=_compress)
 
@@ -98,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "default: square letterbox for all, comparable with exports")
     e.add_argument("--json", help="also write the rows to this JSON file")
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="Q/DQ ONNX (and with --engine a TensorRT engine) from a run folder, an act "
+                                      "checkpoint or a Q/DQ .onnx")
+    x.add_argument("source", help="act run folder (its best.pt), act checkpoint .pt, or Q/DQ .onnx (engine only)")
+    x.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs act[tensorrt])")
+    x.add_argument("--dynamic", action="store_true", help="dynamic batch (engine profile: export.tensorrt."
+                                                          "min_batch/opt_batch/max_batch)")
+    x.add_argument("--batch", type=int, help="fixed batch of the ONNX (default export.batch)")
+    x.add_argument("--imgsz", type=int, help="default: the checkpoint's")
+    x.add_argument("--out", help="ONNX path (default: student.onnx / student_dynamic.onnx next to the checkpoint)")
+    x.add_argument("overrides", nargs="*", help="export.* overrides, e.g. export.tensorrt.max_batch=16")
+    x.set_defaults(func=_export)
+
+    lq = sub.add_parser("lint-qdq", help="check a Q/DQ ONNX for placement TensorRT cannot fuse (exit 1 on findings)")
+    lq.add_argument("model", help="ONNX file")
+    lq.add_argument("--json", action="store_true", help="print the report as JSON")
+    lq.add_argument("--skip", action="append", metavar="PATTERN",
+                    help="module-name pattern kept float on purpose (default: those act wrote into the metadata)")
+    lq.set_defaults(func=_lint)
     return p
 
 

@@ -47,10 +47,29 @@ class DataConfig(_Section):
     train: str
     imgsz: int = Field(640, ge=32, le=4096)
     batch_size: int = Field(16, ge=1)
-    workers: int = Field(2, ge=0)
+    workers: Union[int, Literal["auto"]] = Field(
+        "auto", description="loader processes; 'auto': the CPU cores this process may use (per GPU under DDP), "
+                            "at most 16")
     augment: Union[AugmentConfig, bool] = True
     max_images: Optional[int] = Field(None, ge=1, description="use at most this many images of the pool")
-    cache: bool = Field(False, description="keep decoded images in memory (small pools)")
+    cache: Union[bool, Literal["ram", "none"]] = Field(
+        False, description="'ram' (or true): decode the pool once, before training, and keep it in memory, shared "
+                           "by the loader workers (small pools; see cache_max_gb)")
+    cache_max_gb: float = Field(8.0, gt=0, description="data.cache=ram: fail before work if the pool needs more")
+    pin_memory: Optional[bool] = Field(None, description="page-locked batches for fast copies; default: on CUDA")
+    prefetch_factor: int = Field(4, ge=1, description="batches each loader worker prepares ahead")
+    persistent_workers: bool = Field(True, description="keep loader workers alive across passes over the pool")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_nonneg(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("expected 'auto' or a number >= 0")
+        return v
+
+    @property
+    def cache_ram(self) -> bool:
+        return self.cache is True or self.cache == "ram"
 
     @field_validator("imgsz")
     @classmethod
@@ -198,6 +217,20 @@ class ReportConfig(_Section):
     teacher_onnx: bool = Field(True, description="export the teacher to ONNX for its size and latency")
 
 
+class PlacementConfig(_Section):
+    """Where quantizers go besides every conv input and weight, and which share one scale (act.quant.placement)."""
+
+    preset: Literal["auto", "tensorrt", "conv"] = Field(
+        "auto", description="auto: the model family's default (tensorrt for Ultralytics); tensorrt: the rules below "
+                            "that let TensorRT fuse without reformat layers; conv: conv inputs and weights only"
+    )
+    concat: Optional[bool] = Field(None, description="one shared scale for every Concat input and its readers")
+    residual_add: Optional[bool] = Field(None, description="quantize both inputs of residual Adds")
+    maxpool: Optional[bool] = Field(None, description="MaxPool input and output share one scale (in SPPF every pool "
+                                                     "output is also a Concat input, so concat implies it)")
+    upsample: Optional[bool] = Field(None, description="Upsample input quantized, sharing the scale of its output")
+    fanout: Optional[bool] = Field(None, description="quantizers of one tensor are one quantizer")
+
 
 class QuantConfig(_Section):
     enabled: bool = True
@@ -213,6 +246,7 @@ class QuantConfig(_Section):
                           "start the moving averages and PACT alphas, instead of calibrating on calib_batches"
     )
     quantize_linear: bool = True
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
 class TrainConfig(_Section):
@@ -229,8 +263,17 @@ class TrainConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
     checkpoint_every: int = Field(100, ge=1)
+    # speed (docs/scale.md)
+    teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
+        None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
+    channels_last: bool = Field(False, description="NHWC memory format for teacher, student and batches (CUDA)")
+    compile: Union[bool, Literal["quantizers"]] = Field(
+        False, description="true: torch.compile the student's forward; 'quantizers': compile only the activation "
+                           "quantizers' fake-quant (two small kernels, quick to build)")
+    find_unused_parameters: bool = Field(True, description="DDP: allow parameters that get no gradient (e.g. the "
+                                                          "DFL decode conv past the distilled nodes)")
 
     @model_validator(mode="after")
     def _length(self):
@@ -289,6 +332,33 @@ class EvalConfig(_Section):
         return v
 
 
+class TensorRTConfig(_Section):
+    """`act export --engine` / export.tensorrt: TensorRT engine from the Q/DQ ONNX (act.engine)."""
+
+    enabled: bool = Field(False, description="build student.engine after the ONNX export of act compress / ptq")
+    strongly_typed: Union[Literal["auto"], bool] = Field(
+        "auto", description="auto: a strongly typed network where TensorRT supports it (>= 9), else INT8+FP16 flags"
+    )
+    fp16: bool = Field(True, description="weakly typed builds only: float layers (decode, attention) in FP16")
+    min_batch: int = Field(1, ge=1, description="optimization profile of a dynamic-batch ONNX")
+    opt_batch: int = Field(1, ge=1)
+    max_batch: int = Field(8, ge=1)
+    workspace_gib: Optional[float] = Field(4.0, gt=0, description="workspace memory pool limit; null: TensorRT's")
+    timing_cache: Optional[str] = Field(
+        "timing.cache", description="timing cache file reused across builds (relative: next to the engine); null: off"
+    )
+    dla_core: Optional[int] = Field(None, ge=0, description="DLA core (Jetson/DRIVE), layers DLA lacks on the GPU")
+    gpu_fallback: bool = True
+    optimization_level: Optional[int] = Field(None, ge=0, le=5, description="builder optimization level (default 3)")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch (got {self.min_batch}, {self.opt_batch}, "
+                             f"{self.max_batch})")
+        return self
+
+
 class ExportConfig(_Section):
     onnx: bool = True
     opset: int = Field(17, ge=13, le=21)
@@ -296,9 +366,14 @@ class ExportConfig(_Section):
     batch: int = Field(1, ge=1)
     simplify: bool = True
     parity_images: int = Field(4, ge=1)
+    # Rounding flips alone (a value on a rounding boundary lands one step apart in onnxruntime and torch, and the
+    # flip travels downstream) measured 0.004-0.014 relative L2 on yolo11n-pose (96-640 px, PTQ and QAT students);
+    # 1% failed healthy exports. Gross export mistakes (layout, decode, a missing branch) are far above 3%; subtle
+    # placement problems (one conv's input left float moves it by ~0.004) are the Q/DQ linter's job, not parity's.
     parity_tolerance: float = Field(
-        1e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
+        3e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 
 
 class RunConfig(_Section):
@@ -403,6 +478,10 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid config:\n  eval.data: file not found (got {cfg.eval.data!r})")
     if cfg.quant.init_from and not Path(cfg.quant.init_from).is_file():
         raise ConfigError(f"invalid config:\n  quant.init_from: file not found (got {cfg.quant.init_from!r})")
+    if cfg.export.tensorrt.enabled:
+        from act.engine import import_tensorrt
+
+        import_tensorrt()  # export.tensorrt.enabled without TensorRT: exit 2 now, not after training
     for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):
         problem = src and resolve_source_exists(src)
         if problem:

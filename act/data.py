@@ -227,7 +227,7 @@ def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True,
     if cfg.max_images:
         paths = paths[: cfg.max_images]
     batch_size = batch_size or cfg.batch_size
-    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=cfg.cache, seed=seed)
+    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=bool(getattr(cfg, "cache_ram", cfg.cache)), seed=seed)
     g = torch.Generator()
     g.manual_seed(seed)
     drop_last = shuffle and len(ds) >= batch_size
@@ -236,13 +236,19 @@ def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
-        num_workers=cfg.workers,
+        num_workers=_workers(cfg.workers),
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         generator=g,
-        persistent_workers=cfg.workers > 0,
+        persistent_workers=_workers(cfg.workers) > 0,
     )
+
+
+def _workers(w) -> int:
+    from act.pipeline import resolve_workers
+
+    return resolve_workers(w)
 
 
 def iterations_for(cfg_train, n_images: int, batch_size: int) -> int:

@@ -60,8 +60,10 @@ def test_ranking_and_outputs(analysis):
     # the student is left as it was: every quantizer on, float weights back
     from act.analyze import LayerToggle
 
-    for m in LayerToggle(an.student).layers.values():
+    tog = LayerToggle(an.student)
+    for n, m in tog.layers.items():
         assert m.input_quantizer.mode == "quant" and m.weight_quantizer.enabled
+        assert m.input_quantizer is tog.orig_iq[n]
 
 
 def test_top_layer_in_float_beats_random_layers_on_unseen_images(analysis):
@@ -109,7 +111,7 @@ def test_skip_auto_budget(analysis):
 
     def measure(float_layers):
         calls.append(list(float_layers))
-        toggle.set([n for n in toggle.layers if n not in float_layers])
+        toggle.set([n for n in toggle.layers if n not in float_layers], others=True)
         try:
             return probe.measure()
         finally:
