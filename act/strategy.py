@@ -276,6 +276,11 @@ class AutoStrategy:
 
 
 def run_strategy(cfg: RunConfig, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+    from act import dist as D
+
+    if cfg.strategy != "qat" and D.env_world() > 1:
+        raise ConfigError(f"invalid config:\n  strategy: {cfg.strategy!r} runs in one process; data-parallel "
+                          f"(--devices) is for strategy: qat")
     if cfg.strategy == "ptq":
         return PostTrainingQuantization(cfg).run(exist_ok=exist_ok)
     if cfg.strategy == "qat":

@@ -26,7 +26,7 @@ def test_report_renders(auto_runs, which, expected):
     assert "## Before / after" in md and "## Decisions" in md and "ORT CPU ms" in md
     assert html.count("data:image/png;base64,") == len(rep["images"])
     teacher, student = rep["rows"][0], rep["rows"][-1]
-    assert teacher["gmacs"] > 0 and student["gmacs"] == pytest.approx(teacher["gmacs"])
+    assert teacher["gmacs"] > 0 and student["gmacs"] == pytest.approx(teacher["gmacs"], rel=1e-3)
     assert student["weights_mb"] < 0.5 * teacher["weights_mb"]  # INT8 weights
     assert teacher["latency_ms"] > 0 and student["latency_ms"] > 0
     assert 0 < student["fidelity_pose_map50_95"] <= 1 and teacher["fidelity_pose_map50_95"] == 1.0
