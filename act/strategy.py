@@ -7,7 +7,8 @@
 3. If it meets `auto.target`, the run stops: ptq.pt, the Q/DQ ONNX, summary, report (minutes).
 4. Otherwise distillation QAT starts from that PTQ state (quant.init_from) and stops early at the first eval where
    `auto.qat_target` (default: `auto.target`) is met.
-5. A speed/size target (`auto.prune`) asks for a pruning stage, when act has one.
+5. A speed/size target (`auto.prune`) asks for a pruning stage: not wired into `auto` yet, so it is refused before
+   any work with a clear error (never silently ignored).
 
 Every decision is printed (`act: decision: ...`), kept in summary.json["decisions"] and shown in the report.
 `strategy: ptq` runs `act ptq`; `strategy: qat` runs distillation QAT (AutoCompression) only.
@@ -210,9 +211,13 @@ class AutoStrategy:
         self.decisions: List[Dict[str, Any]] = []
 
     def check(self) -> None:
-        if self.cfg.auto.prune is not None and not pruning_available():
-            raise ConfigError("invalid config:\n  auto.prune: a speed/size target needs act's pruning stage, which "
-                              "this act installation does not have; remove auto.prune (quantization only)")
+        if self.cfg.auto.prune is not None:
+            # the hook for a pruning stage: refused before any work rather than ignored
+            if not pruning_available():
+                raise ConfigError("invalid config:\n  auto.prune: a speed/size target needs act's pruning stage, "
+                                  "which this act installation does not have; remove auto.prune (quantization only)")
+            raise ConfigError("invalid config:\n  auto.prune: strategy auto does not run the pruning stage yet; "
+                              "prune with strategy: qat and act.prune's own config, or remove auto.prune")
         if not self.cfg.quant.enabled:
             raise ConfigError("invalid config:\n  quant.enabled: false, but strategy auto quantizes (use strategy: "
                               "qat for distillation without quantization)")
