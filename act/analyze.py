@@ -536,8 +536,13 @@ def resolve_auto_skip(runner) -> List[str]:
 
     from act.checkpoint import load_checkpoint
 
+    from act import dist as D
+
     cfg = runner.cfg
     out = Path(cfg.output_dir)
+    if D.env_world() > 1 and not (getattr(runner, "resuming", False) and (out / "last.pt").is_file()):
+        raise ConfigError("invalid config:\n  quant.skip: 'auto' analyzes in one process; under --devices run it "
+                          "once without --devices (or `act analyze`) and pass the chosen names")
     decisions = getattr(runner, "decisions", None)
     if decisions is None:
         runner.decisions = decisions = []
