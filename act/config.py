@@ -132,6 +132,17 @@ class QuantConfig(_Section):
     quantize_linear: bool = True
 
 
+class NanPolicyConfig(_Section):
+    """What to do when a step's loss or gradient is NaN/Inf (see docs/reliability.md): skip it; after
+    `max_consecutive` in a row restore the last good state and multiply the learning rates by `lr_factor`; stop
+    (exit 4, best.pt kept) when more than `max_restores` restores or `max_skipped` skipped steps would be needed."""
+
+    max_consecutive: int = Field(3, ge=1, description="skipped steps in a row that trigger a restore")
+    lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied at each restore")
+    max_restores: int = Field(3, ge=0, description="restores allowed before the run stops")
+    max_skipped: Optional[int] = Field(None, ge=0, description="skipped steps allowed in total (None: no limit)")
+
+
 class TrainConfig(_Section):
     iterations: Optional[int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
@@ -148,6 +159,7 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    nan_policy: NanPolicyConfig = Field(default_factory=NanPolicyConfig)
 
     @model_validator(mode="after")
     def _length(self):
