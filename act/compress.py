@@ -475,6 +475,7 @@ class AutoCompression:
         self.calibrate_time = 0.0
         self.guard = NanGuard(self.cfg.train.nan_policy, self.student, self.optimizer, self.scheduler)
         self._updating = False
+        self._in_step = False
         self._iteration = 0
         self._collapsed: Dict[str, str] = {}
         log = RunLogger(self.out / "tensorboard")
@@ -522,7 +523,9 @@ class AutoCompression:
                 images = next(batches)
                 self._iteration = it
                 self.guard.before_step()
+                self._in_step = True
                 stats = self.train_step(images)  # ends with float(loss): the step has finished on the device
+                self._in_step = False
                 step_time += time.time() - t_step
                 step_images += len(images)
                 self.loss_history.append(stats["loss"])
@@ -579,7 +582,8 @@ class AutoCompression:
         """Save what the interrupted loop completed (unless it stopped inside an optimizer update) and raise."""
         saved = False
         if not self._updating:
-            self.guard._undo_buffers()  # a forward pass cut short may have moved the quantizer ranges
+            if self._in_step:
+                self.guard._undo_buffers()  # a forward pass cut short may have moved the quantizer ranges
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 if isinstance(why, BaseException) and self.device.type == "cuda":

@@ -4,6 +4,7 @@
 
 --step-delay: sleep S seconds after each training step (gives a test time to signal or kill mid-run).
 --nan-loss / --nan-grad: 1-based training steps (counted in this process) whose loss / gradient is made NaN.
+--kill-in-save N: SIGKILL this process halfway through writing the N-th last.pt (a kill -9 at the worst moment).
 Each finished step prints `act-test: step N` (flushed), so a test can act at a known point.
 """
 
@@ -31,6 +32,7 @@ def main():
     p.add_argument("--step-delay", type=float, default=0.0)
     p.add_argument("--nan-loss", default="")
     p.add_argument("--nan-grad", default="")
+    p.add_argument("--kill-in-save", type=int, default=0)
     a = p.parse_args(own)
     nan_loss, nan_grad = _steps(a.nan_loss), _steps(a.nan_grad)
 
@@ -59,6 +61,36 @@ def main():
         elif state["step"] in nan_grad and loss.requires_grad:
             loss.register_hook(lambda g: g * float("nan"))
         return loss, per_node
+
+    if a.kill_in_save:
+        import io
+        import signal
+
+        import act.checkpoint as ckpt_mod
+        from act.fileio import atomic_write
+
+        real_save = ckpt_mod.atomic_torch_save
+        saves = {"n": 0}
+
+        def save_then_die(obj, path, what="checkpoint"):
+            if Path(path).name == "last.pt":
+                saves["n"] += 1
+                if saves["n"] == a.kill_in_save:
+                    buf = io.BytesIO()
+                    torch.save(obj, buf)
+                    data = buf.getvalue()
+
+                    def half_then_kill(f):
+                        f.write(data[: len(data) // 2])
+                        f.flush()
+                        os.fsync(f.fileno())
+                        print("act-test: killing myself while writing last.pt", flush=True)
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                    return atomic_write(path, half_then_kill, what)
+            return real_save(obj, path, what)
+
+        ckpt_mod.atomic_torch_save = save_then_die
 
     AutoCompression.train_step = train_step
     DistillLoss.forward = loss_forward

@@ -1,0 +1,119 @@
+"""Helpers of the fault suite: small image folders, fast configs, the CLI in a subprocess, checkpoint comparison."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+from conftest import REPO, cli_env, tiny_config
+
+LAUNCHER = REPO / "tests" / "fault_launcher.py"
+
+
+def make_images(folder: Path, n: int = 6, size: int = 128) -> Path:
+    """`n` distinct small JPEGs cut from the two images Ultralytics ships (crops, flips)."""
+    import cv2
+
+    from act.data import _pkg_folder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = [cv2.imread(str(p)) for p in sorted(_pkg_folder("pkg:ultralytics/assets").glob("*.jpg"))]
+    for i in range(n):
+        im = src[i % len(src)]
+        h, w = im.shape[:2]
+        k = i // len(src)
+        crop = im[k * h // 8: h - k * h // 10, k * w // 10: w - k * w // 8]
+        if k % 2:
+            crop = crop[:, ::-1]
+        scale = size / max(crop.shape[:2])
+        crop = cv2.resize(crop, (max(2, int(crop.shape[1] * scale)), max(2, int(crop.shape[0] * scale))))
+        cv2.imwrite(str(folder / f"img{i}.jpg"), crop)
+    return folder
+
+
+def fault_config(out: Path, images: Path, iterations: int = 8, **sections) -> Dict:
+    """A fast CPU run: 96 px, batch 2, no fidelity/export, a checkpoint every 2 iterations."""
+    cfg = tiny_config(out, data={"train": str(images), "imgsz": 96, "augment": True},
+                      train={"iterations": iterations, "checkpoint_every": 2, "log_every": 2},
+                      eval={"fidelity": {"enabled": False}}, export={"onnx": False})
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    return cfg
+
+
+def write_config(path: Path, cfg: Dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def env() -> Dict[str, str]:
+    e = cli_env()
+    e["OMP_NUM_THREADS"] = "1"  # the same thread count in every process: bit-identical CPU results
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def act_cmd(*args: str, launcher: Optional[List[str]] = None) -> List[str]:
+    if launcher is not None:
+        return [sys.executable, str(LAUNCHER), *launcher, "--", *args]
+    return [sys.executable, "-m", "act", *args]
+
+
+def run(cmd: List[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, timeout=timeout)
+
+
+def popen(cmd: List[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=cwd)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 240) -> List[str]:
+    """Read the child's stdout until a line contains `needle`; returns the lines read."""
+    import select
+    import time
+
+    lines: List[str] = []
+    end = time.time() + timeout
+    while time.time() < end:
+        r, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if not r:
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}; got {lines[-5:]}, rc={proc.poll()}")
+
+
+def state_of(path: Path) -> Dict:
+    from act.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Weights, quantizer buffers (ranges, PACT alphas), optimizer and scheduler state, data position: all equal."""
+    import torch
+
+    ca, cb = state_of(a), state_of(b)
+    sa, sb = ca["model"].state_dict(), cb["model"].state_dict()
+    assert sa.keys() == sb.keys()
+    diff = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
+    assert any(k.endswith("running_absmax") for k in sa) and any(k.endswith(".alpha") for k in sa)
+    oa, ob = ca["act"]["optimizer"], cb["act"]["optimizer"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for k in oa["state"]:
+        for name, v in oa["state"][k].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][k][name])), (k, name)
+    for key in ("iteration", "scheduler", "data"):
+        assert ca["act"][key] == cb["act"][key], key
