@@ -117,3 +117,67 @@ def assert_same_state(a: Path, b: Path) -> None:
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][k][name])), (k, name)
     for key in ("iteration", "scheduler", "data"):
         assert ca["act"][key] == cb["act"][key], key
+
+
+def inject_nan(monkeypatch, nan_loss=(), nan_grad=()):
+    """Make the loss (or, through a backward hook, the gradient) NaN at the given 1-based training steps of this
+    process. Returns the step counter dict."""
+    from act.compress import AutoCompression
+    from act.distill import DistillLoss
+
+    state = {"step": 0}
+    real_step, real_loss = AutoCompression.train_step, DistillLoss.forward
+
+    def train_step(self, images):
+        state["step"] += 1
+        return real_step(self, images)
+
+    def forward(self, *a, **k):
+        loss, per_node = real_loss(self, *a, **k)
+        if state["step"] in set(nan_loss):
+            loss = loss * float("nan")
+        elif state["step"] in set(nan_grad) and loss.requires_grad:
+            loss.register_hook(lambda g: g * float("nan"))
+        return loss, per_node
+
+    monkeypatch.setattr(AutoCompression, "train_step", train_step)
+    monkeypatch.setattr(DistillLoss, "forward", forward)
+    return state
+
+
+def cli(args, capsys=None, capfd=None):
+    """act's CLI in this process: (exit code, stdout, stderr)."""
+    from act.cli import main
+
+    code = main([str(a) for a in args])
+    cap = capfd or capsys
+    out, err = cap.readouterr() if cap is not None else ("", "")
+    return code, out, err
+
+
+class ReadOnly:
+    """A folder made read-only for real: a read-only bind mount (root: EROFS), else chmod 0o555 (EACCES).
+    `how` says which; None when neither works (then the test simulates it)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.how: Optional[str] = None
+
+    def __enter__(self):
+        f = str(self.folder)
+        if os.geteuid() == 0:
+            ok = subprocess.run(["mount", "--bind", f, f], capture_output=True).returncode == 0
+            if ok and subprocess.run(["mount", "-o", "remount,bind,ro", f], capture_output=True).returncode == 0:
+                self.how = "read-only mount"
+            elif ok:
+                subprocess.run(["umount", f], capture_output=True)
+        else:
+            os.chmod(f, 0o555)
+            self.how = "chmod 555"
+        return self
+
+    def __exit__(self, *exc):
+        if self.how == "read-only mount":
+            subprocess.run(["umount", str(self.folder)], capture_output=True)
+        elif self.how == "chmod 555":
+            os.chmod(str(self.folder), 0o755)
