@@ -230,6 +230,7 @@ class AutoCompression:
                 if images is None or len(images) == 0:
                     empty += 1
                     if empty > limit:
+                        self._inspect_all()
                         n = len(getattr(self.loader, "dataset", []))
                         raise DataError(f"none of the {n or 'training'} images could be used (data.train: "
                                         f"{self.cfg.data.train}); why each was skipped: "
@@ -254,6 +255,16 @@ class AutoCompression:
             path, _, why = b.partition("\t")
             print(f"act: skipping image {path}: {why or 'unreadable'}")
         self.write_skipped()
+
+    def _inspect_all(self) -> None:
+        """Check every image of the pool (when none was usable) so that skipped_images.txt lists them all."""
+        from act.data import inspect_image
+
+        for p in getattr(getattr(self.loader, "dataset", None), "paths", []):
+            if not any(b.startswith(f"{p}\t") for b in self.bad_images):
+                im, why = inspect_image(p)
+                if im is None:
+                    self._note_skipped([f"{p}\t{why}"])
 
     def write_skipped(self) -> Optional[Path]:
         if not self.bad_images:

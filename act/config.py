@@ -7,13 +7,14 @@ overrides, validates, and raises `ConfigError` naming the key path and what was 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from act.errors import ConfigError
+from act.errors import ConfigError, ModelError
 
 
 class _Section(BaseModel):
@@ -243,6 +244,13 @@ class RunConfig(_Section):
     ptq: PTQConfig = Field(default_factory=PTQConfig)
     output_dir: str = "runs/act/exp"
 
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_dir(cls, v):
+        if not v.strip() or "\x00" in v:
+            raise ValueError("expected a folder path (not empty, no NUL characters)")
+        return v
+
     def dump(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -266,14 +274,41 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=200)")
         key, value = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(value) if value != "" else None)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid config:\n  {key.strip()}: the override value {value!r} is not valid YAML "
+                              f"({str(e).splitlines()[0]})") from None
+        _set_dotted(out, key.strip(), parsed)
     return out
 
 
+_UNION_TAG = re.compile(r"^(bool|int|float|str|bytes|none|(list|dict|tuple|set|literal|function-\w+|json-or-python|"
+                        r"lax-or-strict|constrained-\w+|nullable)\[.*\]|function-\w+)$")
+
+
+def _section_names() -> set:
+    out, todo = set(), [_Section]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.add(sub.__name__)
+            todo.append(sub)
+    return out
+
+
+def _key_path(loc) -> str:
+    """The dotted key path of a pydantic error location, without the union member tags pydantic puts in it (e.g.
+    data.augment.AugmentConfig.flip -> data.augment.flip)."""
+    sections = _section_names()
+    keep = [str(p) for i, p in enumerate(loc)
+            if not (i > 0 and isinstance(p, str) and (_UNION_TAG.match(p) or p in sections))]
+    return ".".join(keep) or "<root>"
+
+
 def format_validation_error(err: ValidationError) -> str:
-    lines = []
+    merged: Dict[str, List[str]] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<root>"
+        path = _key_path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -281,7 +316,10 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "missing required key"
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{shown}")
+        item = f"{msg}{shown}"
+        if item not in merged.setdefault(path, []):
+            merged[path].append(item)
+    lines = [f"  {path}: " + "; or ".join(items) for path, items in merged.items()]
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -319,7 +357,10 @@ def check_paths(cfg: RunConfig) -> None:
     from act.data import resolve_source_exists
     from teachers import resolve_teacher
 
-    resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    try:
+        resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    except ModelError as e:
+        raise ModelError(f"invalid config:\n  model.teacher: {e}") from None
     problem = resolve_source_exists(cfg.data.train)
     if problem:
         raise ConfigError(f"invalid config:\n  data.train: {problem}")

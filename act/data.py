@@ -104,6 +104,18 @@ def resolve_source_exists(spec: str) -> Optional[str]:
 MAX_IMAGE_PIXELS = 100_000_000  # larger images (e.g. a 20000x20000 decompression bomb) are skipped, never decoded
 
 
+def _pil_open(path: Path):
+    """PIL's own Image.open: Ultralytics patches it to pip-install a HEIF plugin on any unidentified file."""
+    from PIL import Image
+
+    try:
+        from ultralytics.utils import patches
+
+        return getattr(patches, "_image_open", Image.open)(path)
+    except ImportError:
+        return Image.open(path)
+
+
 def _header_problem(path: Path) -> Optional[str]:
     """A reason to skip `path` found without decoding it (size, dimensions in the header, JPEG end marker), or None.
     Formats Pillow cannot identify are left to OpenCV."""
@@ -117,7 +129,7 @@ def _header_problem(path: Path) -> Optional[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _pil_open(path) as im:
                 w, h = im.size
                 fmt = im.format
     except Image.DecompressionBombError as e:

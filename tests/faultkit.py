@@ -149,7 +149,10 @@ def cli(args, capsys=None, capfd=None):
     """act's CLI in this process: (exit code, stdout, stderr)."""
     from act.cli import main
 
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own usage errors (exit 2, a usage line, no traceback)
+        code = e.code
     cap = capfd or capsys
     out, err = cap.readouterr() if cap is not None else ("", "")
     return code, out, err
@@ -181,3 +184,52 @@ class ReadOnly:
             subprocess.run(["umount", str(self.folder)], capture_output=True)
         elif self.how == "chmod 555":
             os.chmod(str(self.folder), 0o755)
+
+
+def make_broken_images(folder: Path) -> Dict[str, Dict[str, Path]]:
+    """Images act must use after converting ("used") and images it must skip ("skipped"), in one folder."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = make_images(folder / "good", n=2)
+    base = cv2.imread(str(good / "img0.jpg"))
+    used = {}
+
+    def put(name, write):
+        p = folder / name
+        write(p)
+        return p
+
+    used["grayscale"] = put("gray.png", lambda p: cv2.imwrite(str(p), base[..., 0]))
+    used["RGBA"] = put("rgba.png", lambda p: cv2.imwrite(str(p), np.dstack([base, np.full(base.shape[:2], 200,
+                                                                                          np.uint8)])))
+    used["16-bit"] = put("deep16.png", lambda p: cv2.imwrite(str(p), base.astype(np.uint16) * 257))
+    used["palette"] = put("palette.png", lambda p: Image.fromarray(base[..., ::-1]).convert("P").save(p))
+    used["good1"], used["good2"] = good / "img0.jpg", good / "img1.jpg"
+    jpg = (good / "img0.jpg").read_bytes()
+    png = cv2.imencode(".png", base)[1].tobytes()
+
+    def chunk(t, data):
+        return struct.pack(">I", len(data)) + t + data + struct.pack(">I", zlib.crc32(t + data) & 0xFFFFFFFF)
+
+    side = 20000  # a valid 20000x20000 1-bit PNG of 50 KB: decoded as RGB it would take 1.2 GB
+    co = zlib.compressobj(9)
+    row = b"\x00" * (1 + side // 8)
+    idat = b"".join(co.compress(row) for _ in range(side)) + co.flush()
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    skipped = {
+        "zero-byte": put("empty.jpg", lambda p: p.write_bytes(b"")),
+        "truncated JPEG": put("cut.jpg", lambda p: p.write_bytes(jpg[: len(jpg) // 2])),
+        "truncated PNG": put("cut.png", lambda p: p.write_bytes(png[: len(png) // 2])),
+        "corrupt bytes": put("noise.jpg", lambda p: p.write_bytes(os.urandom(3000))),
+        "text named .png": put("notes.png", lambda p: p.write_text("not an image")),
+        "decompression bomb": put("bomb.png", lambda p: p.write_bytes(bomb)),
+        "1x1 pixel": put("dot.png", lambda p: cv2.imwrite(str(p), base[:1, :1])),
+    }
+    return {"used": used, "skipped": skipped}
