@@ -243,6 +243,7 @@ class AutoCompression:
 
     def _note_skipped(self, bad: List[str]) -> None:
         """Record unusable images ("path\treason"), once each, in the run state and in skipped_images.txt."""
+        bad = [b if "\t" in b else f"{b}\t{getattr(b, 'reason', 'unreadable')}" for b in bad]
         seen = getattr(self, "_bad_seen", None)
         if seen is None:
             seen = self._bad_seen = set(self.bad_images)
@@ -264,14 +265,15 @@ class AutoCompression:
             if not any(b.startswith(f"{p}\t") for b in self.bad_images):
                 im, why = inspect_image(p)
                 if im is None:
-                    self._note_skipped([f"{p}\t{why}"])
+                    self._note_skipped([f"{p}\t{why}"])  # (only when nothing at all was usable)
 
     def write_skipped(self) -> Optional[Path]:
         if not self.bad_images:
             return None
         path = self.out / "skipped_images.txt"
-        atomic_write_text(path, "# path<TAB>reason: images act could not use (skipped)\n"
-                          + "\n".join(self.bad_images) + "\n", what="list")
+        lines = [b if "\t" in b else f"{b}\t{getattr(b, 'reason', 'unreadable')}" for b in self.bad_images]
+        atomic_write_text(path, "# path<TAB>reason: images act could not use (skipped)\n" + "\n".join(lines) + "\n",
+                          what="list")
         return path
 
     def calibrate(self, batches) -> None:

@@ -213,9 +213,21 @@ def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random) -> n
     return boxed[y:y + imgsz, x:x + imgsz]
 
 
+class SkippedImage(str):
+    """The path of an unusable image (a str, as before), carrying why it was skipped in `.reason`."""
+
+    def __new__(cls, path, reason: str = "unreadable"):
+        obj = super().__new__(cls, str(path))
+        obj.reason = reason
+        return obj
+
+    def __reduce__(self):  # (through loader worker processes)
+        return SkippedImage, (str(self), self.reason)
+
+
 class UnlabeledImages(Dataset):
     """Letterboxed images as uint8 RGB CHW tensors (scaled to float on the device); an unusable image yields
-    (None, "path\treason").
+    (None, SkippedImage(path, reason)).
 
     An index may be an int, or an (index, epoch) pair from act.sampler: then the augmentation of that sample is
     seeded by (seed, epoch, index) alone, so it is the same in any worker and after a resume."""
@@ -244,7 +256,7 @@ class UnlabeledImages(Dataset):
             i, epoch = i
         im, why = self.load(i)
         if im is None:
-            return None, f"{self.paths[i]}\t{why}"
+            return None, SkippedImage(self.paths[i], why)
         if self.augment is None:
             return to_uint8(letterbox(im, self.imgsz)), str(self.paths[i])
         if epoch is not None:
@@ -259,7 +271,7 @@ class UnlabeledImages(Dataset):
 
 
 def collate(batch):
-    """Stack the readable images; return the unusable ones alongside, as "path\treason"."""
+    """Stack the readable images; return the unusable ones alongside (SkippedImage: the path, with `.reason`)."""
     good = [t for t, _ in batch if t is not None]
     bad = [p for t, p in batch if t is None]
     images = torch.stack(good) if good else None

@@ -41,6 +41,7 @@ def test_nan_loss_and_gradient_are_skipped_then_the_last_good_state_restored(tmp
     assert _finite(last) and last["act"]["iteration"] == 8
     assert last["act"]["scheduler"]["base_lrs"][0] == pytest.approx(0.5 * 1e-4)  # the lr was lowered
     assert last["act"]["nan_guard"]["skipped"] == 4
+    assert summary["quant_health"] == {"collapsed": 0, "quantizers": {}}
 
 
 def test_nan_without_end_stops_with_exit_4_and_keeps_best(tmp_path, images, monkeypatch, capsys):
@@ -180,3 +181,29 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path, monkeypatch, err_no)
         assert "is intact" in str(e.value)
         assert reg.checkpoint(target.read_bytes() == b"old export")
         assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_collapsed_quantizer_ranges_are_detected(teacher_path):
+    from act.compress import build_student, load_teacher
+    from act.config import load_config
+    from act.quant import calibrate, quantized_modules
+    from act.quant.health import collapsed_quantizers
+    from conftest import tiny_config
+
+    cfg = load_config(raw=tiny_config("unused"))
+    teacher, family, _ = load_teacher(cfg)
+    student = build_student(teacher, cfg, family)
+    calibrate(student, lambda m: m(torch.rand(1, 3, 64, 64)))
+    assert collapsed_quantizers(student) == {}  # a healthy calibrated student
+    names = list(quantized_modules(student))
+    a, b, c = names[3], names[10], names[20]
+    with torch.no_grad():
+        student.get_submodule(a).input_quantizer.alpha.fill_(0.0)           # PACT alpha -> 0
+        student.get_submodule(b).input_quantizer.running_absmax.fill_(0.0)  # EMA range -> 0 (scale 0)
+        student.get_submodule(c).weight[0].zero_()                         # a dead output channel
+    bad = collapsed_quantizers(student)
+    reg.fault("collapsed quantizer ranges", 3)
+    assert set(bad) == {f"{a}.input_quantizer", f"{b}.input_quantizer", f"{c}.weight_quantizer"}
+    assert "PACT alpha collapsed" in bad[f"{a}.input_quantizer"]
+    assert "scale 0" in bad[f"{b}.input_quantizer"]
+    assert "1/" in bad[f"{c}.weight_quantizer"]

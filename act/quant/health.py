@@ -20,35 +20,45 @@ TINY = 1e-6
 
 @torch.no_grad()
 def collapsed_quantizers(model: nn.Module, tiny: float = TINY) -> Dict[str, str]:
-    """{quantizer name: what collapsed} for every unhealthy quantizer of `model` (empty when all are fine)."""
-    out: Dict[str, str] = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, QUANT_MODULES):
-            continue
+    """{quantizer name: what collapsed} for every unhealthy quantizer of `model` (empty when all are fine).
+
+    All statistics are gathered on the model's device and copied to the host once (no sync per quantizer)."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)]
+    if not mods:
+        return {}
+    stats = []  # per module: initialized, range, alpha ready, |alpha|, finite weights, dead channels, channels
+    for _, m in mods:
         q = m.input_quantizer
-        if bool(q.initialized):
-            r = float(q.running_absmax)
-            if not math.isfinite(r):
-                out[f"{name}.input_quantizer"] = f"moving-average range is {r}"
-            elif r <= tiny:
-                out[f"{name}.input_quantizer"] = f"moving-average range collapsed to {r:.3g} (scale 0)"
-            if q.pact and q.alpha_ready:
-                a = float(q.alpha.detach().abs())
-                if not math.isfinite(a):
-                    out[f"{name}.input_quantizer"] = f"PACT alpha is {a}"
-                elif a <= tiny:
-                    out[f"{name}.input_quantizer"] = f"PACT alpha collapsed to {a:.3g} (input clipped to 0)"
+        pact = q.pact and q.alpha_ready
         w = m.weight.detach()
         dims = [d for d in range(w.dim()) if d != 0]
-        amax = w.abs().amax(dim=dims) if dims else w.abs()
-        if not bool(torch.isfinite(amax).all()):
-            out[f"{name}.weight_quantizer"] = "non-finite weights"
-        else:
-            dead = int((amax <= tiny * 1e-2).sum())
-            if dead == amax.numel():
-                out[f"{name}.weight_quantizer"] = "all weights are 0 (scale 0)"
-            elif dead and m.weight_quantizer.per_channel:
-                out[f"{name}.weight_quantizer"] = f"{dead}/{amax.numel()} output channels have all-zero weights"
+        amax = (w.abs().amax(dim=dims) if dims else w.abs()).float()
+        stats.append(torch.stack([
+            q.initialized.float(), q.running_absmax.float(),
+            torch.tensor(float(pact), device=w.device),
+            q.alpha.detach().abs().float() if pact else torch.zeros((), device=w.device),
+            torch.isfinite(amax).all().float(), (amax <= tiny * 1e-2).sum().float(),
+            torch.tensor(float(amax.numel()), device=w.device)]))
+    table = torch.stack(stats).cpu().tolist()
+    out: Dict[str, str] = {}
+    for (name, m), (init, r, pact, a, finite_w, dead, channels) in zip(mods, table):
+        key = f"{name}.input_quantizer"
+        if init:
+            if not math.isfinite(r):
+                out[key] = f"moving-average range is {r}"
+            elif r <= tiny:
+                out[key] = f"moving-average range collapsed to {r:.3g} (scale 0)"
+            if pact and not math.isfinite(a):
+                out[key] = f"PACT alpha is {a}"
+            elif pact and a <= tiny:
+                out[key] = f"PACT alpha collapsed to {a:.3g} (input clipped to 0)"
+        key = f"{name}.weight_quantizer"
+        if not finite_w:
+            out[key] = "non-finite weights"
+        elif dead == channels:
+            out[key] = "all weights are 0 (scale 0)"
+        elif dead and m.weight_quantizer.per_channel:
+            out[key] = f"{int(dead)}/{int(channels)} output channels have all-zero weights"
     return out
 
 
