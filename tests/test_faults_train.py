@@ -183,7 +183,7 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path, monkeypatch, err_no)
         assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_collapsed_quantizer_ranges_are_detected(teacher_path):
+def test_collapsed_quantizer_ranges_are_detected():
     from act.compress import build_student, load_teacher
     from act.config import load_config
     from act.quant import calibrate, quantized_modules
