@@ -2,6 +2,7 @@
 SIGTERM and SIGKILL (in the middle of writing a checkpoint), then resumed: the resumed run must end in the
 bit-identical state of an uninterrupted run. Also the resume rules (changed config, another run's folder)."""
 
+import re
 import shlex
 import shutil
 import signal
@@ -56,12 +57,15 @@ def test_signal_finishes_step_saves_last_and_prints_resume(tmp_path, images, ref
     reg.fault(signal.Signals(sig).name)
     assert proc.returncode == code, stderr[-3000:]
     assert reg.output(stdout, stderr)
-    assert f"stopped by {signal.Signals(sig).name} at iteration 3/{ITERS}" in stderr
-    assert reg.checkpoint(state_of(out / "last.pt")["act"]["iteration"] == 3)  # the finished step is not lost
+    # the signal lands after step 3 (or, on a very busy machine, during step 4): that step is finished and saved
+    m = re.search(rf"stopped by {signal.Signals(sig).name} at iteration (\d+)/{ITERS}; last.pt saved", stderr)
+    assert m and 3 <= int(m.group(1)) < ITERS, stderr
+    stopped = int(m.group(1))
+    assert reg.checkpoint(state_of(out / "last.pt")["act"]["iteration"] == stopped)  # finished steps are not lost
     assert f"act compress --config {out / 'config.yaml'} --resume" in stderr
     if sig == signal.SIGINT:  # (SIGTERM takes the same path: one resume suffices to prove the state is complete)
         r = _resume_from_message(stderr, tmp_path)
-        assert f"resuming {out} at iteration 3/{ITERS}" in r.stdout
+        assert f"resuming {out} at iteration {stopped}/{ITERS}" in r.stdout
         assert_same_state(reference / "last.pt", out / "last.pt")
 
 
@@ -94,16 +98,17 @@ def finished_copy(tmp_path, reference):
     return out
 
 
-def test_resume_with_changed_config_refused_with_diff_then_forced(tmp_path, finished_copy):
+def test_resume_with_changed_config_refused_with_diff_then_forced(tmp_path, finished_copy, capsys):
     from act.cli import main
 
     cfg = str(finished_copy / "config.yaml")
     before = (finished_copy / "last.pt").read_bytes()
-    r = run(act_cmd("compress", "--config", cfg, "--resume", "train.lr=0.001", "data.imgsz=128"), tmp_path)
+    code = main(["compress", "--config", cfg, "--resume", "train.lr=0.001", "data.imgsz=128", "data.workers=3"])
+    err = capsys.readouterr().err
     reg.bad_input("resume with a changed config")
-    assert r.returncode == 2 and reg.output(r.stdout, r.stderr)
-    assert "config differs" in r.stderr and "train.lr: 0.0001 -> 0.001" in r.stderr
-    assert "data.imgsz: 96 -> 128" in r.stderr and "--force" in r.stderr
+    assert code == 2 and reg.output(err)
+    assert "config differs" in err and "train.lr: 0.0001 -> 0.001" in err
+    assert "data.imgsz: 96 -> 128" in err and "--force" in err and "workers" not in err  # (workers may change)
     assert reg.checkpoint((finished_copy / "last.pt").read_bytes() == before)
     # --force continues with the new values (here: two more iterations)
     assert main(["compress", "--config", cfg, "--resume", "--force", f"train.iterations={ITERS + 2}"]) == 0
