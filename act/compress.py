@@ -570,6 +570,9 @@ class AutoCompression:
             interrupted = "SIGINT"
         except torch.cuda.OutOfMemoryError as e:
             interrupted = e
+        except ActError:
+            log.close()
+            raise
         finally:
             stop.__exit__(None, None, None)
             bar.close()

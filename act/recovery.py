@@ -18,6 +18,17 @@ from torch import nn
 from act.errors import DivergedError
 
 
+def _to_cpu(obj):
+    """A deep copy of a (nested) state dict with every tensor copied to the host."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 def grads_finite(params) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -90,10 +101,10 @@ class NanGuard:
         """Remember the current state as good (called when a checkpoint is written after a finite step)."""
         if self.consecutive:
             return
-        self._good = {
+        self._good = {  # on the host: no extra accelerator memory
             "iteration": iteration,
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "model": _to_cpu(self.model.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
         }
 
     def _good_iteration(self):
