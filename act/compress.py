@@ -429,8 +429,9 @@ class AutoCompression:
         self.scaler.update()
         self.scheduler.step()
         self._updating = False
-        if self.guard is not None:
-            self.guard.good_step()
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.good_step()
         out = {"loss": float(loss.detach())}
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
@@ -439,9 +440,10 @@ class AutoCompression:
         """A step with a non-finite loss or gradient: nothing is applied (train.nan_policy, act.recovery)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
-        if self.guard is not None:
-            msg = self.guard.bad_step(self._iteration + 1, what)  # raises DivergedError past the limits
-            self.nonfinite_steps = self.guard.skipped
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            msg = guard.bad_step(getattr(self, "_iteration", 0) + 1, what)  # raises DivergedError past the limits
+            self.nonfinite_steps = guard.skipped
             if msg:
                 print(f"act: warning: {msg}")
         return {"loss": float("nan"), "skipped": 1.0}

@@ -2,8 +2,10 @@
 
 Sources: a folder (searched recursively), a .txt list of paths (relative to the list), an Ultralytics data yaml (its
 train split), or `pkg:PACKAGE/SUBFOLDER` for images shipped inside an installed package. Images are letterboxed
-exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be read
-is skipped and counted, never fatal.
+exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be used
+(zero-byte, truncated, corrupt, huge) is skipped, counted and listed with its reason, never fatal; grayscale, RGBA,
+palette and 16-bit images are converted (see `inspect_image`). Training batches come from act.sampler (seeded,
+resumable).
 """
 
 from __future__ import annotations
