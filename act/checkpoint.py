@@ -25,6 +25,8 @@ def _clean_copy(model: nn.Module) -> nn.Module:
         sub._forward_hooks.clear()
         sub._forward_pre_hooks.clear()
         sub._backward_hooks.clear()
+        if getattr(sub, "reduce_fn", None) is not None:
+            sub.reduce_fn = None  # the DDP all-reduce belongs to the run, not the saved model
     return m
 
 

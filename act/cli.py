@@ -14,6 +14,16 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 def _compress(args) -> int:
     from act.compress import AutoCompression
 
+    if args.devices and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from act.dist import launch, parse_devices
+
+        devices = parse_devices(args.devices)
+        if len(devices) > 1:  # one process per device, through torchrun
+            child = ["compress", "--config", args.config] + (["--resume"] if args.resume else []) + (
+                ["--exist-ok"] if args.exist_ok else []) + (["--force"] if args.force else []) + list(args.overrides)
+            return launch(devices, child)
+        args.overrides = list(args.overrides) + [
+            "train.device=" + ("cpu" if devices[0] == "cpu" else f"cuda:{devices[0]}")]
     runner = AutoCompression(args.config, overrides=args.overrides)
     runner.run(resume=args.resume, exist_ok=args.exist_ok, force=args.force)
     return 0
@@ -50,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another run")
     c.add_argument("--force", action="store_true", help="with --resume: continue even if the config differs from "
                                                         "the run's (the differences are shown)")
+    c.add_argument("--devices", help="data-parallel over these devices, one process each through torchrun: GPU "
+                                     "indices '0,1', or 'cpu,cpu' for CPU processes (gloo); data.batch_size is per "
+                                     "device (docs/scale.md)")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=200 data.imgsz=320")
     c.set_defaults(func=_compress)
 

@@ -29,6 +29,8 @@ from act.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from act.config import RunConfig, load_config, validate_config
 from act.data import (InfiniteLoader, as_model_input, build_loader, iterations_for, load_images, resolve_source,
                       split_holdout)
+from act import dist as D
+from act.pipeline import build_train_loader, set_position
 from act.distill import DistillLoss, FeatureCapture, find_nodes
 from act.errors import ActError, ConfigError, DataError, Interrupted, ResourceError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
@@ -40,7 +42,6 @@ from act.quant.calib import get_ranges, set_ranges
 from act.quant.health import collapsed_quantizers, format_report
 from act.recovery import NanGuard, grads_finite
 from act.resume import RUN_MARKERS, check_new_run, check_resume
-from act.sampler import ResumableLoader, build_train_loader
 from act.signals import StopSignals
 from teachers import family_for, resolve_teacher
 
@@ -123,8 +124,12 @@ class AutoCompression:
     def setup_models(self) -> None:
         """Teacher (frozen), fake-quantized student, distillation nodes and their capture hooks, on the device."""
         cfg = self.cfg
-        self.device = select_device(cfg.train.device)
+        self.dist = self._dist()
+        self.device = self.dist.device(cfg.train.device) if self.dist.enabled else select_device(cfg.train.device)
+        self.dist.init(self.device)
         if self.device.type == "cuda":
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)
@@ -135,9 +140,43 @@ class AutoCompression:
         self.loss_fn = DistillLoss(self.nodes, cfg.distill, reg_max=getattr(head, "reg_max", 16))
         self.teacher.to(self.device)
         self.student.to(self.device)
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
         names = [n.name for n in self.nodes]
         self.t_capture = FeatureCapture(self.teacher, names)
         self.s_capture = FeatureCapture(self.student, names)
+        if self.dist.enabled:
+            for q in Q.activation_quantizers(self.student).values():
+                q.reduce_fn = D.all_reduce_max  # identical moving averages on every rank
+        self.setup_train_model()
+
+    def _dist(self) -> "D.Dist":
+        if getattr(self, "dist", None) is None:
+            self.dist = D.Dist.from_env()
+        return self.dist
+
+    def setup_train_model(self) -> None:
+        """What the step runs: the student returning its node outputs, wrapped in DDP under torchrun, optionally
+        compiled (docs/scale.md)."""
+        cfg = self.cfg
+        model: nn.Module = D.NodeOutputs(self.student, self.s_capture)
+        if self.dist.enabled:
+            model = D.wrap_ddp(model, self.device, cfg.train.find_unused_parameters)
+        from act.quant import fused
+
+        fused.set_enabled(cfg.train.compile == "quantizers")
+        if cfg.train.compile is True:
+            if self.dist.enabled:
+                if self.dist.is_main:
+                    print("act: train.compile=true is not used under DDP (the quantizers all-reduce inside the graph; "
+                          "train.compile=quantizers works)")
+            else:
+                model = torch.compile(model)
+        self.train_model = model
+        self.teacher_amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.train.teacher_amp or cfg.train.amp) if self.device.type == "cuda" else None
 
     def setup_pool(self) -> None:
         """The unlabeled pool, less the held-out fidelity slice (its last eval.fidelity.images images)."""
@@ -157,18 +196,28 @@ class AutoCompression:
     def setup_data(self) -> None:
         cfg = self.cfg
         self.setup_pool()
+        dist = self._dist()
+        self.global_batch = cfg.data.batch_size * dist.world_size  # data.batch_size is per rank
+        self.samples_seen = 0  # global position in the sample stream (rank-independent; resumes on any world size)
         if self.user_loader is None:
-            self.loader = build_train_loader(cfg.data, seed=cfg.train.seed, paths=self.pool)
+            paths = self.pool if self.pool is not None else resolve_source(cfg.data.train)
+            self.loader = build_train_loader(cfg.data, paths, seed=cfg.train.seed, rank=dist.rank,
+                                             world_size=dist.world_size, device_type=self.device.type)
             n_images = len(self.loader.dataset)
         else:
             self.loader = self.user_loader
             n_images = len(getattr(self.user_loader, "dataset", [])) or cfg.data.batch_size
-        self.total_iters = iterations_for(cfg.train, n_images, cfg.data.batch_size)
+        self.total_iters = iterations_for(cfg.train, n_images, self.global_batch)
 
     def setup_eval(self) -> None:
         cfg = self.cfg
         imgsz = cfg.eval.imgsz or cfg.data.imgsz
         self.evaluators: List[Callable] = []
+        self.metric = cfg.eval.metric or (default_metric(self.task) if cfg.eval.data else None)
+        self.eval_time = 0.0
+        if not self._dist().is_main:  # rank 0 evaluates; the others wait at a barrier
+            self.eval_on = self.dist.broadcast(None)
+            return
         if cfg.eval.data:
             self.evaluators.append(CocoEvaluator(cfg.eval.data, self.task, imgsz,
                                                  cfg.eval.batch_size, cfg.eval.max_images, cfg.eval.split,
@@ -183,8 +232,7 @@ class AutoCompression:
             self.evaluators.append(load_callback(cfg.eval.callback))
         if self.user_eval is not None:
             self.evaluators.append(self.user_eval)
-        self.metric = cfg.eval.metric or (default_metric(self.task) if cfg.eval.data else None)
-        self.eval_time = 0.0
+        self.eval_on = self.dist.broadcast(bool(self.evaluators))
 
     def setup_optimizer(self) -> None:
         """Weights/biases at lr, PACT alphas at their own lr; scheduler; AMP."""
@@ -196,16 +244,25 @@ class AutoCompression:
             groups.append({"params": alphas, "lr": cfg.quant.activation.alpha_lr,
                            "weight_decay": cfg.quant.activation.alpha_weight_decay, "name": "alpha"})
         opt = cfg.train.optimizer
+        # On CUDA: fused optimizer kernels, which also skip a non-finite step on the device (no host sync per step)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
         if opt == "sgd":
-            self.optimizer = torch.optim.SGD(groups, momentum=cfg.train.momentum, nesterov=True)
+            self.optimizer = torch.optim.SGD(groups, momentum=cfg.train.momentum, nesterov=True, **fused)
         elif opt == "adam":
-            self.optimizer = torch.optim.Adam(groups)
+            self.optimizer = torch.optim.Adam(groups, **fused)
         else:
-            self.optimizer = torch.optim.AdamW(groups)
+            self.optimizer = torch.optim.AdamW(groups, **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         amp = cfg.train.amp if self.device.type == "cuda" else "none"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        # sync_free: every step runs backward and lets the scaler skip non-finite updates (consistently on every
+        # rank under DDP); the plain CPU path checks the loss on the host instead.
+        self.sync_free = self.device.type == "cuda" or self.dist.enabled
+        if amp == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+        else:
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=2**30,
+                                               enabled=self.sync_free)
 
     def _lr_lambda(self, it: int) -> float:
         t = self.cfg.train
@@ -221,9 +278,11 @@ class AutoCompression:
     def _batches(self):
         src = InfiniteLoader(self.loader) if isinstance(self.loader, torch.utils.data.DataLoader) else self.loader
         empty = 0  # batches in a row without a usable image
-        limit = getattr(self.loader, "batches_per_epoch", None) or 1000
+        n_pool = len(getattr(self.loader, "dataset", [])) or 0
+        limit = (n_pool // max(1, self.cfg.data.batch_size) + 1) if n_pool else 1000
         while True:
             for batch in src:
+                self.samples_seen += self.global_batch
                 images, bad = _images_of(batch)
                 if bad:
                     self._note_skipped(bad)
@@ -231,14 +290,13 @@ class AutoCompression:
                     empty += 1
                     if empty > limit:
                         self._inspect_all()
-                        n = len(getattr(self.loader, "dataset", []))
-                        raise DataError(f"none of the {n or 'training'} images could be used (data.train: "
+                        raise DataError(f"none of the {n_pool or 'training'} images could be used (data.train: "
                                         f"{self.cfg.data.train}); why each was skipped: "
                                         f"{self.out / 'skipped_images.txt'}")
                     continue
                 empty = 0
                 yield images
-            if isinstance(src, (InfiniteLoader, ResumableLoader)):
+            if isinstance(src, InfiniteLoader):
                 return
 
     def _note_skipped(self, bad: List[str]) -> None:
@@ -345,10 +403,10 @@ class AutoCompression:
             "config": self.cfg.dump(),
             "teacher": str(self.source.path),
             "nodes": [n.name for n in self.nodes],
+            "data_position": getattr(self, "samples_seen", 0),
         }
         if training_state:
-            if isinstance(self.loader, ResumableLoader):
-                st["data"] = self.loader.state_dict()
+            st["data_images"] = len(getattr(self.loader, "dataset", []))
             if getattr(self, "guard", None) is not None:
                 st["nan_guard"] = self.guard.state_dict()
             st.update({
@@ -367,6 +425,8 @@ class AutoCompression:
     def save(self, name: str, iteration: int, training_state: bool = True) -> Path:
         """last.pt carries the optimizer/scheduler for --resume; best.pt only the student and its metrics."""
         path = self.out / name
+        if not self._dist().is_main:
+            return path
         train_args = {"task": self.task, "imgsz": self.cfg.data.imgsz, "model": str(self.source.path)}
         state = self.state(iteration, training_state)
         atomic_save(make_checkpoint(self.student, state, train_args), path)
@@ -379,7 +439,8 @@ class AutoCompression:
         self.student.to(self.device)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        self.scaler.load_state_dict(st["scaler"])
+        if st["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(st["scaler"])
         self.best_metric = st["best_metric"]
         self.best_iteration = st["best_iteration"]
         self.history = st["history"]
@@ -390,12 +451,13 @@ class AutoCompression:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if st.get("data") and isinstance(self.loader, ResumableLoader):
-            changed = self.loader.describe_mismatch(st["data"])
-            if changed:
-                print(f"act: warning: the image pool changed since the run started ({changed}); the data order "
-                      f"differs from the interrupted run's")
-            self.loader.load_state_dict(st["data"])
+        self.samples_seen = int(st.get("data_position", 0))
+        if isinstance(self.loader, torch.utils.data.DataLoader) and hasattr(self.loader.sampler, "start"):
+            set_position(self.loader, self.samples_seen, self.cfg.train.seed, self.dist.rank)
+        n_now = len(getattr(self.loader, "dataset", []))
+        if st.get("data_images") and n_now and st["data_images"] != n_now and self.dist.is_main:
+            print(f"act: warning: the image pool changed since the run started ({st['data_images']} -> {n_now} "
+                  f"images); the data order differs from the interrupted run's")
         if st.get("nan_guard") and getattr(self, "guard", None) is not None:
             self.guard.load_state_dict(st["nan_guard"])
             self.nonfinite_steps = self.guard.skipped
@@ -403,15 +465,27 @@ class AutoCompression:
         return int(st["iteration"])
 
     # ------------------------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor) -> Dict[str, float]:
-        images = as_model_input(images, self.device)
-        with torch.inference_mode():
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = as_model_input(images, self.device)
+        return x.contiguous(memory_format=torch.channels_last) if getattr(self, "channels_last", False) else x
+
+    def teacher_outputs(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The teacher's node outputs: no autograd graph, optionally under autocast (train.teacher_amp)."""
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.teacher_amp or torch.float32,
+                                             enabled=self.teacher_amp is not None):
             self.teacher(images)
-        t_out = {k: v.clone() for k, v in self.t_capture.pop().items()}
+        return self.t_capture.pop()
+
+    def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
+        """One distillation step. Returns the loss and per-node losses; on CUDA (and under DDP) as device tensors
+        that the caller reads only at log steps, so the host never waits for the device inside a step."""
+        images = self.model_input(images)
+        t_out = self.teacher_outputs(images)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            self.student(images)
-        s_out = self.s_capture.pop()
+            s_out = self.train_model(images)
         loss, per_node = self.loss_fn(s_out, t_out)
+        if self.sync_free:
+            return self._step_sync_free(loss, per_node)
         if not torch.isfinite(loss):
             return self._skip_step("loss")
         self.optimizer.zero_grad(set_to_none=True)
@@ -422,7 +496,7 @@ class AutoCompression:
             finite = bool(torch.isfinite(norm))
         else:
             finite = grads_finite(self.student.parameters())
-        if not finite and not self.scaler.is_enabled():  # (with fp16 the scaler skips overflowing steps itself)
+        if not finite:
             return self._skip_step("gradient")
         self._updating = True  # an interruption from here on leaves a half-updated state: never saved
         self.scaler.step(self.optimizer)
@@ -435,6 +509,41 @@ class AutoCompression:
         out = {"loss": float(loss.detach())}
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
+
+    def _step_sync_free(self, loss: torch.Tensor, per_node: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)  # skipped on the device when a gradient is not finite
+        self.scaler.update()
+        self.scheduler.step()
+        loss = loss.detach()
+        bad = (~torch.isfinite(loss)).int()
+        self._nonfinite_dev = bad if getattr(self, "_nonfinite_dev", None) is None else self._nonfinite_dev + bad
+        # non-finite steps in a row, on the device (train.nan_policy reads it at log steps: no sync per step)
+        consec = getattr(self, "_consec_dev", None)
+        self._consec_dev = bad if consec is None else (consec + bad) * bad
+        out: Dict[str, Any] = {"loss": loss}
+        out.update({f"node/{k}": v for k, v in per_node.items()})
+        return out
+
+    def _read_nonfinite(self, iteration: Optional[int] = None) -> None:
+        dev = getattr(self, "_nonfinite_dev", None)
+        if dev is not None:
+            both = torch.stack([dev, getattr(self, "_consec_dev", None) if getattr(self, "_consec_dev", None) is not None
+                                else torch.zeros_like(dev)])
+            new, consec = (int(v) for v in (D.all_reduce_max(both.clone()) if self.dist.enabled else both).tolist())
+            self.nonfinite_steps += new
+            self._nonfinite_dev = None
+            guard = getattr(self, "guard", None)
+            if guard is not None and new and iteration is not None:
+                msg = guard.observe(new, consec, iteration)  # may restore (or raise DivergedError)
+                if guard.consecutive == 0:
+                    self._consec_dev = None
+                if msg and self.dist.is_main:
+                    print(f"act: warning: {msg}")
 
     def _skip_step(self, what: str) -> Dict[str, float]:
         """A step with a non-finite loss or gradient: nothing is applied (train.nan_policy, act.recovery)."""
@@ -457,6 +566,8 @@ class AutoCompression:
             self._resume_ckpt = check_resume(self.out, self.cfg.dump(), force)
         else:
             check_new_run(self.out, exist_ok, RUN_MARKERS if marker_name == "last.pt" else (marker_name,))
+        if not self._dist().is_main:
+            return
         check_writable(self.out)
         remove_stale_temps(self.out)
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False), what="config")
@@ -476,11 +587,18 @@ class AutoCompression:
             f"continue from the last checkpoint with: {self.resume_command()} --force {key}={half}")
 
     def run(self, resume: bool = False, exist_ok: bool = False, force: bool = False) -> Dict[str, Any]:
-        from tqdm import tqdm
-
         t0 = time.time()
         self._prepare_output(resume, exist_ok, force=force)
+        try:
+            return self._run(resume, t0)
+        finally:
+            self._dist().close()
+
+    def _run(self, resume: bool, t0: float) -> Dict[str, Any]:
+        from tqdm import tqdm
+
         self.setup()
+        main = self.dist.is_main
         self.best_metric: Optional[float] = None
         self.best_iteration: Optional[int] = None
         self.history: List[Dict[str, Any]] = []
@@ -493,7 +611,7 @@ class AutoCompression:
         self._in_step = False
         self._iteration = 0
         self._collapsed: Dict[str, str] = {}
-        log = RunLogger(self.out / "tensorboard")
+        log = RunLogger(self.out / "tensorboard", enabled=main)
         start = 0
         batches = self._batches()
         before: Dict[str, Dict[str, float]] = {}
@@ -503,13 +621,14 @@ class AutoCompression:
             if resume:
                 start = self.resume_from(self.out / "last.pt", self._resume_ckpt)
                 self._resume_ckpt = None
-                print(f"act: resuming {self.out} at iteration {start}/{self.total_iters}")
+                if main:
+                    print(f"act: resuming {self.out} at iteration {start}/{self.total_iters}")
                 before = self.history[0].get("before", {}) if self.history else {}
             else:
                 t_cal = time.time()
                 self.calibrate(batches)
                 self.calibrate_time = time.time() - t_cal
-                if self.cfg.eval.before and self.evaluators:
+                if self.cfg.eval.before and self.evaluators and main:
                     before["teacher"] = self.evaluate(self.teacher, 0)
                     before["student_init"] = self.evaluate(self.student, 0)
                     log.scalars("eval_before/teacher", before["teacher"], 0)
@@ -517,6 +636,7 @@ class AutoCompression:
                     head = f"act: teacher {_fmt(before['teacher'])} | " if before["teacher"] else "act: "
                     print(f"{head}student before training {_fmt(before['student_init'])}")
                 self.history.append({"iteration": 0, "before": before})
+                self.dist.barrier()
             self.guard.snapshot(start)
         except BaseException:
             stop.__exit__(None, None, None)
@@ -524,48 +644,59 @@ class AutoCompression:
 
         self.student.train()
         bar = tqdm(total=self.total_iters, initial=start, desc="act compress", unit="it", dynamic_ncols=True,
-                   disable=os.environ.get("ACT_NO_PROGRESS") == "1")
+                   disable=os.environ.get("ACT_NO_PROGRESS") == "1" or not main)
         it = start
         seen, t_last = 0, time.time()
-        step_time, step_images = 0.0, 0
-        interrupted = None  # why the loop stopped early: a signal name, or an exception to re-raise
+        step_time, step_images, data_wait = 0.0, 0, 0.0
+        # per-step losses stay on the device (read at the end): no host sync inside a step
+        losses = torch.full((max(0, self.total_iters - start),), float("nan"), device=self.device)
+        interrupted = None  # why the loop stopped early: a signal name, or an exception
         try:
             while it < self.total_iters:
-                if stop.requested:
-                    interrupted = stop.name
+                if self._should_stop(stop, it, start):
+                    interrupted = stop.name or "SIGTERM"
                     break
                 t_step = time.time()
                 images = next(batches)
+                data_wait += time.time() - t_step
                 self._iteration = it
-                self.guard.before_step()
+                if not self.sync_free:
+                    self.guard.before_step()
                 self._in_step = True
-                stats = self.train_step(images)  # ends with float(loss): the step has finished on the device
+                stats = self.train_step(images)
                 self._in_step = False
-                step_time += time.time() - t_step
-                step_images += len(images)
-                self.loss_history.append(stats["loss"])
+                losses[it - start] = stats["loss"]
                 it += 1
-                seen += len(images)
+                is_last = it == self.total_iters
+                seen += len(images) * self.dist.world_size
+                step_images += len(images) * self.dist.world_size
                 bar.update(1)
-                if it % self.cfg.train.log_every == 0 or it == self.total_iters:
+                if it % self.cfg.train.log_every == 0 or is_last:
+                    stats = self.dist.mean(stats, self.device)  # (a device sync: log steps only)
+                    self._read_nonfinite(it)
                     dt = max(time.time() - t_last, 1e-9)
                     ips = seen / dt
                     seen, t_last = 0, time.time()
                     bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}")
                     log.train(stats, self.optimizer, it, ips)
                     log.quantizers(self.student, it)
-                    self.check_quantizers(log, it, bar.write)
-                is_last = it == self.total_iters
-                if self.evaluators and (it % self.cfg.eval.every == 0 or is_last):
-                    res = self.evaluate(self.student, it)
-                    log.scalars("eval", res, it)
-                    self.history.append({"iteration": it, "eval": res})
-                    bar.write(f"act: iteration {it}: {_fmt(res)}")
-                    if self.metric and (self.best_metric is None or math.isnan(self.best_metric)
-                                        or res[self.metric] > self.best_metric):
-                        self.best_metric, self.best_iteration = res[self.metric], it
-                        self.save("best.pt", it, training_state=False)
+                    if main:
+                        self.check_quantizers(log, it, bar.write)
+                step_time += time.time() - t_step
+                if self.eval_on and (it % self.cfg.eval.every == 0 or is_last):
+                    if main:
+                        res = self.evaluate(self.student, it)
+                        log.scalars("eval", res, it)
+                        self.history.append({"iteration": it, "eval": res})
+                        bar.write(f"act: iteration {it}: {_fmt(res)}")
+                        if self.metric and (self.best_metric is None or math.isnan(self.best_metric)
+                                            or res[self.metric] > self.best_metric):
+                            self.best_metric, self.best_iteration = res[self.metric], it
+                            self.save("best.pt", it, training_state=False)
+                    self.dist.barrier()
                 if it % self.cfg.train.checkpoint_every == 0 or is_last:
+                    if self.sync_free:
+                        self._read_nonfinite(it)  # (snapshot only a state known to be good)
                     self.save("last.pt", it)
                     self.guard.snapshot(it)
         except KeyboardInterrupt:
@@ -578,8 +709,10 @@ class AutoCompression:
         finally:
             stop.__exit__(None, None, None)
             bar.close()
+        self.loss_history = losses[: it - start].tolist()
         if interrupted is not None:
             self._stop_early(interrupted, it, log)
+        D.dump_state(self.student, self.dist.rank, {"loss_history": self.loss_history, "iterations": it})
         if not self.metric:
             self.best_iteration = it
             self.save("best.pt", it, training_state=False)
@@ -587,19 +720,27 @@ class AutoCompression:
         extra = {
             "time_s": {"calibrate": round(self.calibrate_time, 2), "steps": round(step_time, 2),
                        "compress": round(self.calibrate_time + step_time, 2), "eval": round(self.eval_time, 2)},
-            "speed": {"train_images_per_s": round(step_images / step_time, 2) if step_time > 0 else None},
+            "speed": {"train_images_per_s": round(step_images / step_time, 2) if step_time > 0 else None,
+                      "data_wait_share": round(data_wait / step_time, 3) if step_time > 0 else None,
+                      "ranks": self.dist.world_size, "global_batch": self.global_batch},
             "quant_init": ({"from": self.cfg.quant.init_from} if self.cfg.quant.init_from
                            else {"ema_batches": self.cfg.quant.calib_batches}),
             "nan_policy": self.guard.state_dict(),
         }
+        if not main:  # rank 0 exports and writes the summary
+            log.close()
+            self.dist.barrier()
+            return {"rank": self.dist.rank, "iterations": it, **extra}
         summary = self.finish(log, before, it, train_time, extra=extra)
         log.close()
+        self.dist.barrier()
         return summary
 
     def _stop_early(self, why, it: int, log) -> None:
         """Save what the interrupted loop completed (unless it stopped inside an optimizer update) and raise."""
         saved = False
-        if not self._updating:
+        # a step cut short inside the optimizer update (or anywhere in a device-side step) is never saved
+        if not (self._updating or (self._in_step and self.sync_free)):
             if self._in_step:
                 self.guard._undo_buffers()  # a forward pass cut short may have moved the quantizer ranges
             self.optimizer.zero_grad(set_to_none=True)
@@ -619,6 +760,15 @@ class AutoCompression:
         code = 143 if why == "SIGTERM" else 130
         raise Interrupted(f"stopped by {why} at iteration {it}/{self.total_iters}; {state}. Resume with:\n"
                           f"  {self.resume_command()}", exit_code=code)
+
+    def _should_stop(self, stop: StopSignals, it: int, start: int) -> bool:
+        """A stop signal was received (by any rank: under DDP the ranks agree at log steps, so they stop together)."""
+        if not self.dist.enabled:
+            return stop.requested
+        if it == start or it % self.cfg.train.log_every:
+            return False
+        flag = torch.tensor(float(stop.requested), device=self.device)
+        return bool(D.all_reduce_max(flag) > 0)
 
     def check_quantizers(self, log, it: int, write=print) -> Dict[str, str]:
         """Warn (once per quantizer) about collapsed ranges; log their count to TensorBoard."""

@@ -48,10 +48,29 @@ class DataConfig(_Section):
     train: str
     imgsz: int = Field(640, ge=32, le=4096)
     batch_size: int = Field(16, ge=1)
-    workers: int = Field(2, ge=0)
+    workers: Union[int, Literal["auto"]] = Field(
+        "auto", description="loader processes; 'auto': the CPU cores this process may use (per GPU under DDP), "
+                            "at most 16")
     augment: Union[AugmentConfig, bool] = True
     max_images: Optional[int] = Field(None, ge=1, description="use at most this many images of the pool")
-    cache: bool = Field(False, description="keep decoded images in memory (small pools)")
+    cache: Union[bool, Literal["ram", "none"]] = Field(
+        False, description="'ram' (or true): decode the pool once, before training, and keep it in memory, shared "
+                           "by the loader workers (small pools; see cache_max_gb)")
+    cache_max_gb: float = Field(8.0, gt=0, description="data.cache=ram: fail before work if the pool needs more")
+    pin_memory: Optional[bool] = Field(None, description="page-locked batches for fast copies; default: on CUDA")
+    prefetch_factor: int = Field(4, ge=1, description="batches each loader worker prepares ahead")
+    persistent_workers: bool = Field(True, description="keep loader workers alive across passes over the pool")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_nonneg(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("expected 'auto' or a number >= 0")
+        return v
+
+    @property
+    def cache_ram(self) -> bool:
+        return self.cache is True or self.cache == "ram"
 
     @field_validator("imgsz")
     @classmethod
@@ -158,9 +177,18 @@ class TrainConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
     checkpoint_every: int = Field(100, ge=1)
     nan_policy: NanPolicyConfig = Field(default_factory=NanPolicyConfig)
+    # speed (docs/scale.md)
+    teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
+        None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
+    channels_last: bool = Field(False, description="NHWC memory format for teacher, student and batches (CUDA)")
+    compile: Union[bool, Literal["quantizers"]] = Field(
+        False, description="true: torch.compile the student's forward; 'quantizers': compile only the activation "
+                           "quantizers' fake-quant (two small kernels, quick to build)")
+    find_unused_parameters: bool = Field(True, description="DDP: allow parameters that get no gradient (e.g. the "
+                                                          "DFL decode conv past the distilled nodes)")
 
     @model_validator(mode="after")
     def _length(self):

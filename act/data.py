@@ -4,7 +4,7 @@ Sources: a folder (searched recursively), a .txt list of paths (relative to the 
 train split), or `pkg:PACKAGE/SUBFOLDER` for images shipped inside an installed package. Images are letterboxed
 exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be used
 (zero-byte, truncated, corrupt, huge) is skipped, counted and listed with its reason, never fatal; grayscale, RGBA,
-palette and 16-bit images are converted (see `inspect_image`). Training batches come from act.sampler (seeded,
+palette and 16-bit images are converted (see `inspect_image`). Training batches come from act.pipeline (seeded,
 resumable).
 """
 
@@ -231,7 +231,7 @@ class UnlabeledImages(Dataset):
     """Letterboxed images as uint8 RGB CHW tensors (scaled to float on the device); an unusable image yields
     (None, SkippedImage(path, reason)).
 
-    An index may be an int, or an (index, epoch) pair from act.sampler: then the augmentation of that sample is
+    An index may be an int, or an (index, epoch) pair from act.pipeline.StreamSampler: then the augmentation of that sample is
     seeded by (seed, epoch, index) alone, so it is the same in any worker and after a resume."""
 
     def __init__(self, paths: Sequence[Path], imgsz: int, augment=None, cache: bool = False, seed: int = 0):
@@ -246,7 +246,8 @@ class UnlabeledImages(Dataset):
 
     def load(self, i: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
         if self.cache is not None and i in self.cache:
-            return self.cache[i]
+            got = self.cache[i]  # (act.pipeline's RAM cache holds decoded images, or None for unusable ones)
+            return got if isinstance(got, tuple) else (got, None if got is not None else "unreadable")
         got = inspect_image(self.paths[i])
         if self.cache is not None:
             self.cache[i] = got
@@ -314,7 +315,7 @@ def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True,
     if cfg.max_images:
         paths = paths[: cfg.max_images]
     batch_size = batch_size or cfg.batch_size
-    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=cfg.cache, seed=seed)
+    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=bool(getattr(cfg, "cache_ram", cfg.cache)), seed=seed)
     g = torch.Generator()
     g.manual_seed(seed)
     drop_last = shuffle and len(ds) >= batch_size
@@ -323,13 +324,19 @@ def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
-        num_workers=cfg.workers,
+        num_workers=_workers(cfg.workers),
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         generator=g,
-        persistent_workers=cfg.workers > 0,
+        persistent_workers=_workers(cfg.workers) > 0,
     )
+
+
+def _workers(w) -> int:
+    from act.pipeline import resolve_workers
+
+    return resolve_workers(w)
 
 
 def iterations_for(cfg_train, n_images: int, batch_size: int) -> int:

@@ -96,6 +96,27 @@ class NanGuard:
                 f"state (iteration {self._good_iteration()}) and lowered the learning rate by {p.lr_factor} "
                 f"(restore {self.restores}/{p.max_restores})")
 
+    def observe(self, new_bad: int, consecutive: int, iteration: int) -> Optional[str]:
+        """The device-side (sync-free) path: `new_bad` steps were skipped since the last look (the GradScaler skipped
+        their updates on the device), the last `consecutive` of them in a row. Same policy, applied at log steps."""
+        p = self.policy
+        self.skipped += new_bad
+        self.consecutive = consecutive
+        self.events.append({"iteration": iteration, "what": f"{new_bad} non-finite step(s)"})
+        if p.max_skipped is not None and self.skipped > p.max_skipped:
+            self.stop(iteration, f"{self.skipped} steps with a non-finite loss (train.nan_policy.max_skipped="
+                                 f"{p.max_skipped})")
+        if consecutive < p.max_consecutive:
+            return f"{new_bad} non-finite step(s) skipped before iteration {iteration} ({self.skipped} so far)"
+        if self.restores >= p.max_restores:
+            self.stop(iteration, f"{consecutive} non-finite steps in a row after {self.restores} restores "
+                                 f"(train.nan_policy.max_restores={p.max_restores})")
+        self.restore()
+        self.consecutive = 0
+        return (f"{consecutive} non-finite steps in a row before iteration {iteration}: restored the last good "
+                f"state (iteration {self._good_iteration()}) and lowered the learning rate by {p.lr_factor} "
+                f"(restore {self.restores}/{p.max_restores})")
+
     # -- last good state -----------------------------------------------------------------------------------------
     def snapshot(self, iteration: int) -> None:
         """Remember the current state as good (called when a checkpoint is written after a finite step)."""

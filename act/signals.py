@@ -66,3 +66,9 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def worker_ignore_sigint(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group; the workers keep serving while the main
+    process finishes its step and saves, then it shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -115,7 +115,7 @@ def assert_same_state(a: Path, b: Path) -> None:
     for k in oa["state"]:
         for name, v in oa["state"][k].items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][k][name])), (k, name)
-    for key in ("iteration", "scheduler", "data"):
+    for key in ("iteration", "scheduler", "data_position"):
         assert ca["act"][key] == cb["act"][key], key
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from act.quant import fused
+
 QMIN, QMAX = -128, 127
 EPS = 1e-8
 
@@ -17,6 +19,66 @@ EPS = 1e-8
 def _as_float32(x: torch.Tensor) -> torch.Tensor:
     """The fake-quant kernels take float32; a no-op (and no Cast in the ONNX) when x already is."""
     return x if x.dtype == torch.float32 else x.float()
+
+
+class _AbsMaxFakeQuantPerChannel(torch.autograd.Function):
+    """Training path of the per-channel weight fake-quant with its live abs-max scale: the same values as
+    torch.fake_quantize_per_channel_affine (x * (1/s), round half-even, clamp, * s, all in float32) without that op's
+    host-side zero-point checks (two GPU syncs per call, which stall every step). Every weight lies inside its abs-max
+    range, so the op's straight-through mask is all ones: the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        s = scale.view(shape)
+        return torch.round(w * (1.0 / s)).clamp_(QMIN, QMAX).mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class _PactFakeQuant(torch.autograd.Function):
+    """fake_quantize(clamp(x, -|alpha|, |alpha|)) with the gradients of that composition (STE inside the clip and
+    the quantization range; the clipped elements' gradient to alpha, +1 above and -1 below) but a cheap backward:
+    one int8 code per element is kept instead of autograd's clamp masks (which cost ~10 kernels per quantizer)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, scale, zp):
+        a = alpha.detach().abs().to(x.dtype)
+        ctx.x_dtype = x.dtype
+        if fused.ENABLED:  # train.compile: quantizers -- one compiled pass instead of the ops below
+            out, code = fused.kernels()[0](x, a, scale)
+            ctx.save_for_backward(code, alpha)
+            ctx.fused = True
+            return out
+        ctx.fused = False
+        xc = torch.clamp(x, -a, a)
+        out, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            _as_float32(xc), scale, zp, torch.ones((), dtype=torch.long, device=x.device), QMIN, QMAX)
+        # code: +1 clipped above, -1 clipped below, 0 inside the clip; times the quantizer's in-range mask, and
+        # 2 for elements outside it (no gradient anywhere)
+        code = torch.sign(x - xc).to(torch.int8)
+        code.masked_fill_(~mask, 2)
+        ctx.save_for_backward(code, alpha)
+        ctx.x_dtype = x.dtype
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        code, alpha = ctx.saved_tensors
+        if ctx.fused:
+            grad_x, ga = fused.kernels()[1](g, code)
+            ga = (ga * torch.sign(alpha.detach())).to(alpha.dtype) if ctx.needs_input_grad[1] else None
+            return grad_x.to(ctx.x_dtype), ga, None, None
+        grad_x = g * (code == 0)
+        ga = None
+        if ctx.needs_input_grad[1]:
+            clipped = torch.where(code.abs() == 1, code, 0)
+            ga = (g.float() * clipped).sum() * torch.sign(alpha.detach())
+            ga = ga.to(alpha.dtype)
+        return grad_x.to(ctx.x_dtype), ga, None, None
 
 
 class WeightQuantizer(nn.Module):
@@ -47,7 +109,10 @@ class WeightQuantizer(nn.Module):
             return w
         s = self.frozen_scale if self.frozen_scale is not None else self.scale(w)
         wf = _as_float32(w)
-        if self.per_channel:
+        if self.per_channel and self.frozen_scale is None and self.training and not torch.jit.is_tracing() \
+                and not torch.onnx.is_in_onnx_export():
+            out = _AbsMaxFakeQuantPerChannel.apply(wf, s, self.axis)
+        elif self.per_channel:
             zp = torch.zeros(s.shape, dtype=torch.int32, device=w.device)
             out = torch.fake_quantize_per_channel_affine(wf, s, zp, self.axis, QMIN, QMAX)
         else:
@@ -123,13 +188,24 @@ class ActivationQuantizer(nn.Module):
                 self.alpha_set.fill_(True)
             self._alpha_ready = True
 
+    def _zero_point(self, device) -> torch.Tensor:
+        zp = self.__dict__.get("_zp")
+        if zp is None or zp.device != device:
+            zp = torch.zeros((), dtype=torch.int32, device=device)
+            self.__dict__["_zp"] = zp  # a cached constant (not state): no allocation and fill per call
+        return zp
+
     @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        batch_max = x.detach().abs().amax().float()
+    def _observe(self, x: torch.Tensor, clip: torch.Tensor | None = None) -> None:
+        batch_max = torch.linalg.vector_norm(x.detach(), float("inf")).float()  # abs-max in one pass, no |x| copy
+        if clip is not None:
+            batch_max = torch.minimum(batch_max, clip.float())
         if self.reduce_fn is not None:
             batch_max = self.reduce_fn(batch_max)
         new = torch.where(self.initialized, self.ema_rate * self.running_absmax + (1 - self.ema_rate) * batch_max,
                           batch_max)
+        # a non-finite batch (a NaN/Inf step, skipped by train.nan_policy) never moves the range
+        new = torch.where(torch.isfinite(batch_max), new, self.running_absmax)
         self.running_absmax.copy_(new)
         self.initialized.fill_(True)
 
@@ -142,13 +218,17 @@ class ActivationQuantizer(nn.Module):
                 self._observe(x)
             return x
         use_clip = self.training and self.alpha_ready
+        zp = self._zero_point(x.device)
+        if use_clip and self.frozen_scale is None:
+            # the batch abs-max after the clip is min(abs-max of x, |alpha|): observe first, then clip+quantize fused
+            self._observe(x, clip=self.alpha.detach().abs())
+            return _PactFakeQuant.apply(x, self.alpha, self.scale(), zp)
         if use_clip:
             a = self.alpha.abs().to(x.dtype)
-            x = torch.minimum(torch.maximum(x, -a), a)
+            x = torch.clamp(x, -a, a)
         if self.training:
             self._observe(x)
         s = self.frozen_scale if self.frozen_scale is not None else self.scale()
-        zp = torch.zeros((), dtype=torch.int32, device=x.device)
         out = torch.fake_quantize_per_tensor_affine(_as_float32(x), s, zp, QMIN, QMAX)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
