@@ -44,6 +44,31 @@ def test_nan_loss_and_gradient_are_skipped_then_the_last_good_state_restored(tmp
     assert summary["quant_health"] == {"collapsed": 0, "quantizers": {}}
 
 
+def test_nan_policy_on_the_sync_free_path(tmp_path, images, monkeypatch, capsys):
+    """The CUDA/DDP step (no host sync: the GradScaler skips non-finite updates on the device, the policy runs on
+    device-side counters at log steps), forced on CPU."""
+    from act.compress import AutoCompression
+
+    real = AutoCompression.setup_optimizer
+
+    def setup_optimizer(self):
+        real(self)
+        self.sync_free = True
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2**30)
+
+    monkeypatch.setattr(AutoCompression, "setup_optimizer", setup_optimizer)
+    cfg = write_config(tmp_path / "c.yaml", fault_config(
+        tmp_path / "run", images, 8, train={"log_every": 1, "nan_policy": {"max_consecutive": 3, "max_restores": 2}}))
+    inject_nan(monkeypatch, nan_loss=(3, 4, 5))
+    code, out, err = cli(["compress", "--config", cfg], capsys)
+    reg.fault("NaN loss (device-side path)", 3)
+    assert code == 0 and reg.output(out, err), err
+    assert "3 non-finite steps in a row before iteration 5: restored the last good state (iteration 2)" in out
+    last = state_of(tmp_path / "run" / "last.pt")
+    assert _finite(last) and last["act"]["nan_guard"]["skipped"] == 3 and last["act"]["nan_guard"]["restores"] == 1
+    assert all(float(v) > 0 for k, v in last["model"].state_dict().items() if k.endswith("running_absmax"))
+
+
 def test_nan_without_end_stops_with_exit_4_and_keeps_best(tmp_path, images, monkeypatch, capsys):
     cfg = write_config(tmp_path / "c.yaml", fault_config(
         tmp_path / "run", images, 12, train={"nan_policy": {"max_consecutive": 2, "max_restores": 1}},
