@@ -6,10 +6,26 @@ _os.environ.setdefault("YOLO_OFFLINE", "1")  # act never lets Ultralytics reach 
 
 __version__ = "0.1.0"
 
-from act.compress import AutoCompression  # noqa: E402
-from act.config import RunConfig, load_config  # noqa: E402
-from act.ptq import PostTrainingQuantization  # noqa: E402
-from act.quant import calibrate, quantize  # noqa: E402
+# The public names load on first use (PEP 562), so that `import act.errors` (which teachers/ does) never pulls in
+# act.compress, which imports teachers: `import teachers` before `import act` must work.
+_LAZY = {
+    "AutoCompression": "act.compress",
+    "PostTrainingQuantization": "act.ptq",
+    "RunConfig": "act.config",
+    "load_config": "act.config",
+    "quantize": "act.quant",
+    "calibrate": "act.quant",
+}
 
 __all__ = ["AutoCompression", "PostTrainingQuantization", "RunConfig", "load_config", "quantize", "calibrate",
            "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'act' has no attribute {name!r}")

@@ -50,6 +50,20 @@ def _eval(args) -> int:
     return 0
 
 
+def _lint(args) -> int:
+    from act.lint import main_lint
+
+    return main_lint(args.model, as_json=args.json, skip=args.skip)
+
+
+def _export(args) -> int:
+    from act.deploy import export
+
+    export(args.source, engine=args.engine, dynamic=True if args.dynamic else None, batch=args.batch,
+           imgsz=args.imgsz, out=args.out, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="act", description="Auto-compression for Ultralytics YOLO models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "default: square letterbox for all, comparable with exports")
     e.add_argument("--json", help="also write the rows to this JSON file")
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="Q/DQ ONNX (and with --engine a TensorRT engine) from a run folder, an act "
+                                      "checkpoint or a Q/DQ .onnx")
+    x.add_argument("source", help="act run folder (its best.pt), act checkpoint .pt, or Q/DQ .onnx (engine only)")
+    x.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs act[tensorrt])")
+    x.add_argument("--dynamic", action="store_true", help="dynamic batch (engine profile: export.tensorrt."
+                                                          "min_batch/opt_batch/max_batch)")
+    x.add_argument("--batch", type=int, help="fixed batch of the ONNX (default export.batch)")
+    x.add_argument("--imgsz", type=int, help="default: the checkpoint's")
+    x.add_argument("--out", help="ONNX path (default: student.onnx / student_dynamic.onnx next to the checkpoint)")
+    x.add_argument("overrides", nargs="*", help="export.* overrides, e.g. export.tensorrt.max_batch=16")
+    x.set_defaults(func=_export)
+
+    lq = sub.add_parser("lint-qdq", help="check a Q/DQ ONNX for placement TensorRT cannot fuse (exit 1 on findings)")
+    lq.add_argument("model", help="ONNX file")
+    lq.add_argument("--json", action="store_true", help="print the report as JSON")
+    lq.add_argument("--skip", action="append", metavar="PATTERN",
+                    help="module-name pattern kept float on purpose (default: those act wrote into the metadata)")
+    lq.set_defaults(func=_lint)
     return p
 
 

@@ -34,7 +34,7 @@ from act.pipeline import build_train_loader, set_position
 from act.distill import DistillLoss, FeatureCapture, find_nodes
 from act.errors import ActError, ConfigError, DataError, Interrupted, ResourceError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
-from act.export import export_onnx, parity, qdq_summary
+from act.export import export_onnx, lint_after_export, parity, qdq_summary
 from act.fidelity import FidelityEvaluator
 from act.fileio import atomic_write_text, check_writable, remove_stale_temps
 from act.monitor import RunLogger
@@ -89,6 +89,9 @@ def build_student(teacher: nn.Module, cfg: RunConfig, family) -> nn.Module:
         p.requires_grad_(True)
     if cfg.quant.enabled:
         Q.quantize(student, cfg.quant, skip=family.float_patterns)
+        from act.quant.placement import apply_placement
+
+        student.act_placement = apply_placement(student, cfg.quant, family, reference=teacher)
     return student
 
 
@@ -811,6 +814,8 @@ class AutoCompression:
             "quant_health": {"collapsed": len(bad_q), "quantizers": bad_q} if cfg.quant.enabled else None,
             "settings": cfg.dump(),
         }
+        if getattr(self.student, "act_placement", None):
+            summary["placement"] = self.student.act_placement  # Q/DQ placement rules and shared-scale groups
         if self.fidelity_paths:
             summary["fidelity_images"] = {"count": len(self.fidelity_paths), "held_out": self.fidelity_held_out,
                                           "first": str(self.fidelity_paths[0])}
@@ -828,11 +833,18 @@ class AutoCompression:
             t1 = time.time()
             onnx_path = export_onnx(best_student, self.out / "student.onnx", self.family, cfg.data.imgsz,
                                     cfg.export.batch, cfg.export.opset, cfg.export.dynamic,
-                                    metadata={"act": json.dumps({"best_iteration": self.best_iteration})})
+                                    metadata={"act": json.dumps({"best_iteration": self.best_iteration})},
+                                    simplify=cfg.export.simplify,
+                                    skip=list(cfg.quant.skip) + list(self.family.float_patterns))
             images = self.parity_images()
             par = parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance,
                          raise_on_fail=False)
             summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
+            summary["onnx"]["lint"] = lint_after_export(onnx_path)
+            if cfg.export.tensorrt.enabled:
+                from act.engine import build_engine
+
+                summary["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), cfg.export.tensorrt)
             summary["time_s"]["export"] = round(time.time() - t1, 2)
             self._write_summary(summary)
             if not par["passed"]:

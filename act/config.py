@@ -139,6 +139,21 @@ class ActivationQuantConfig(_Section):
     alpha_weight_decay: float = Field(0.0, ge=0)
 
 
+class PlacementConfig(_Section):
+    """Where quantizers go besides every conv input and weight, and which share one scale (act.quant.placement)."""
+
+    preset: Literal["auto", "tensorrt", "conv"] = Field(
+        "auto", description="auto: the model family's default (tensorrt for Ultralytics); tensorrt: the rules below "
+                            "that let TensorRT fuse without reformat layers; conv: conv inputs and weights only"
+    )
+    concat: Optional[bool] = Field(None, description="one shared scale for every Concat input and its readers")
+    residual_add: Optional[bool] = Field(None, description="quantize both inputs of residual Adds")
+    maxpool: Optional[bool] = Field(None, description="MaxPool input and output share one scale (in SPPF every pool "
+                                                     "output is also a Concat input, so concat implies it)")
+    upsample: Optional[bool] = Field(None, description="Upsample input quantized, sharing the scale of its output")
+    fanout: Optional[bool] = Field(None, description="quantizers of one tensor are one quantizer")
+
+
 class QuantConfig(_Section):
     enabled: bool = True
     weight: WeightQuantConfig = Field(default_factory=WeightQuantConfig)
@@ -150,6 +165,7 @@ class QuantConfig(_Section):
                           "start the moving averages and PACT alphas, instead of calibrating on calib_batches"
     )
     quantize_linear: bool = True
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
 class NanPolicyConfig(_Section):
@@ -247,6 +263,33 @@ class EvalConfig(_Section):
         return v
 
 
+class TensorRTConfig(_Section):
+    """`act export --engine` / export.tensorrt: TensorRT engine from the Q/DQ ONNX (act.engine)."""
+
+    enabled: bool = Field(False, description="build student.engine after the ONNX export of act compress / ptq")
+    strongly_typed: Union[Literal["auto"], bool] = Field(
+        "auto", description="auto: a strongly typed network where TensorRT supports it (>= 9), else INT8+FP16 flags"
+    )
+    fp16: bool = Field(True, description="weakly typed builds only: float layers (decode, attention) in FP16")
+    min_batch: int = Field(1, ge=1, description="optimization profile of a dynamic-batch ONNX")
+    opt_batch: int = Field(1, ge=1)
+    max_batch: int = Field(8, ge=1)
+    workspace_gib: Optional[float] = Field(4.0, gt=0, description="workspace memory pool limit; null: TensorRT's")
+    timing_cache: Optional[str] = Field(
+        "timing.cache", description="timing cache file reused across builds (relative: next to the engine); null: off"
+    )
+    dla_core: Optional[int] = Field(None, ge=0, description="DLA core (Jetson/DRIVE), layers DLA lacks on the GPU")
+    gpu_fallback: bool = True
+    optimization_level: Optional[int] = Field(None, ge=0, le=5, description="builder optimization level (default 3)")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch (got {self.min_batch}, {self.opt_batch}, "
+                             f"{self.max_batch})")
+        return self
+
+
 class ExportConfig(_Section):
     onnx: bool = True
     opset: int = Field(17, ge=13, le=21)
@@ -254,9 +297,14 @@ class ExportConfig(_Section):
     batch: int = Field(1, ge=1)
     simplify: bool = True
     parity_images: int = Field(4, ge=1)
+    # Rounding flips alone (a value on a rounding boundary lands one step apart in onnxruntime and torch, and the
+    # flip travels downstream) measured 0.004-0.014 relative L2 on yolo11n-pose (96-640 px, PTQ and QAT students);
+    # 1% failed healthy exports. Gross export mistakes (layout, decode, a missing branch) are far above 3%; subtle
+    # placement problems (one conv's input left float moves it by ~0.004) are the Q/DQ linter's job, not parity's.
     parity_tolerance: float = Field(
-        1e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
+        3e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 
 
 class RunConfig(_Section):
@@ -396,6 +444,10 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid config:\n  eval.data: file not found (got {cfg.eval.data!r})")
     if cfg.quant.init_from and not Path(cfg.quant.init_from).is_file():
         raise ConfigError(f"invalid config:\n  quant.init_from: file not found (got {cfg.quant.init_from!r})")
+    if cfg.export.tensorrt.enabled:
+        from act.engine import import_tensorrt
+
+        import_tensorrt()  # export.tensorrt.enabled without TensorRT: exit 2 now, not after training
     for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):
         problem = src and resolve_source_exists(src)
         if problem:

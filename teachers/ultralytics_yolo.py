@@ -27,6 +27,16 @@ class UltralyticsYOLO:
     # (sigmoid, anchor/stride arithmetic) is not a conv and so is never quantized.
     float_patterns = ("*.dfl", "*.dfl.*")
 
+    # Q/DQ placement (act.quant.placement): the rules TensorRT needs to fuse an Ultralytics YOLO without reformats
+    default_placement = "tensorrt"
+    placement_rules = {"concat": True, "residual_add": True, "maxpool": True, "upsample": True, "fanout": True}
+
+    def insert_block_quantizers(self, model: nn.Module, rules: Dict[str, bool], factory) -> List[str]:
+        """Quantizers at the Concat / residual Add / Upsample inputs of Ultralytics blocks (ultralytics_blocks)."""
+        from teachers.ultralytics_blocks import insert_block_quantizers
+
+        return insert_block_quantizers(model, rules, factory)
+
     # ---- loading -------------------------------------------------------------------------------------------------
     def load(self, path: Path, kind: str = "pt") -> nn.Module:
         """Load an Ultralytics checkpoint (or build a yaml) and return its nn.Module in FP32, eval mode."""

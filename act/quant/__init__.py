@@ -102,6 +102,8 @@ def freeze(model: nn.Module) -> nn.Module:
         if isinstance(m, QUANT_MODULES):
             m.weight_quantizer.freeze(m.weight)
             m.input_quantizer.freeze()
+    for q in activation_quantizers(model).values():  # also those placement added (Concat/Add/MaxPool inputs)
+        q.freeze()
     return model
 
 

@@ -149,6 +149,12 @@ class ActivationQuantizer(nn.Module):
         self.mode = "quant"
         self.frozen_scale = None  # set by freeze() for export: a constant scale
         self.reduce_fn = None  # set under DDP to all-reduce the batch abs-max (max over ranks)
+        # A quantizer shared by several places of the graph (act.quant.placement: one scale for all inputs of a
+        # Concat, ...) is called that many times per forward; its moving average then takes one step per forward,
+        # with the max over all those calls, and every call of the step quantizes with the same scale.
+        self.calls_per_step = 1
+        self._pending_max = None
+        self._pending_calls = 0
 
     @property
     def alpha_ready(self) -> bool:
@@ -188,6 +194,10 @@ class ActivationQuantizer(nn.Module):
                 self.alpha_set.fill_(True)
             self._alpha_ready = True
 
+    @property
+    def shared(self) -> bool:
+        return getattr(self, "calls_per_step", 1) > 1
+
     def _zero_point(self, device) -> torch.Tensor:
         zp = self.__dict__.get("_zp")
         if zp is None or zp.device != device:
@@ -200,6 +210,13 @@ class ActivationQuantizer(nn.Module):
         batch_max = torch.linalg.vector_norm(x.detach(), float("inf")).float()  # abs-max in one pass, no |x| copy
         if clip is not None:
             batch_max = torch.minimum(batch_max, clip.float())
+        if self.shared:  # accumulate the max over this forward's calls; update once, at the last one
+            prev = self._pending_max
+            self._pending_max = batch_max if prev is None else torch.maximum(prev, batch_max)
+            self._pending_calls += 1
+            if self._pending_calls < self.calls_per_step:
+                return
+            batch_max, self._pending_max, self._pending_calls = self._pending_max, None, 0
         if self.reduce_fn is not None:
             batch_max = self.reduce_fn(batch_max)
         new = torch.where(self.initialized, self.ema_rate * self.running_absmax + (1 - self.ema_rate) * batch_max,
@@ -221,14 +238,23 @@ class ActivationQuantizer(nn.Module):
         zp = self._zero_point(x.device)
         if use_clip and self.frozen_scale is None:
             # the batch abs-max after the clip is min(abs-max of x, |alpha|): observe first, then clip+quantize fused
+            if self.shared:  # every call of a shared quantizer uses the step's scale from before its update
+                s = self.scale()
+                self._observe(x, clip=self.alpha.detach().abs())
+                return _PactFakeQuant.apply(x, self.alpha, s, zp)
             self._observe(x, clip=self.alpha.detach().abs())
             return _PactFakeQuant.apply(x, self.alpha, self.scale(), zp)
         if use_clip:
             a = self.alpha.abs().to(x.dtype)
             x = torch.clamp(x, -a, a)
-        if self.training:
+        s = self.frozen_scale
+        if self.training and self.shared:
+            s = self.scale() if s is None else s  # the scale of this step, before the step's update
             self._observe(x)
-        s = self.frozen_scale if self.frozen_scale is not None else self.scale()
+        elif self.training:
+            self._observe(x)
+        if s is None:
+            s = self.scale()
         out = torch.fake_quantize_per_tensor_affine(_as_float32(x), s, zp, QMIN, QMAX)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
