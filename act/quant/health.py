@@ -27,8 +27,12 @@ def collapsed_quantizers(model: nn.Module, tiny: float = TINY) -> Dict[str, str]
     if not mods:
         return {}
     stats = []  # per module: initialized, range, alpha ready, |alpha|, finite weights, dead channels, channels
+    seen = set()  # an input quantizer shared by several layers (e.g. a Concat's) is reported once, by its first
+    shared = []
     for _, m in mods:
         q = m.input_quantizer
+        shared.append(id(q) in seen)
+        seen.add(id(q))
         pact = q.pact and q.alpha_ready
         w = m.weight.detach()
         dims = [d for d in range(w.dim()) if d != 0]
@@ -41,9 +45,9 @@ def collapsed_quantizers(model: nn.Module, tiny: float = TINY) -> Dict[str, str]
             torch.tensor(float(amax.numel()), device=w.device)]))
     table = torch.stack(stats).cpu().tolist()
     out: Dict[str, str] = {}
-    for (name, m), (init, r, pact, a, finite_w, dead, channels) in zip(mods, table):
+    for (name, m), is_shared, (init, r, pact, a, finite_w, dead, channels) in zip(mods, shared, table):
         key = f"{name}.input_quantizer"
-        if init:
+        if init and not is_shared:
             if not math.isfinite(r):
                 out[key] = f"moving-average range is {r}"
             elif r <= tiny:
