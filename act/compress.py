@@ -41,7 +41,7 @@ from act.monitor import RunLogger
 from act.quant.calib import get_ranges, set_ranges
 from act.quant.health import collapsed_quantizers, format_report
 from act.recovery import NanGuard, grads_finite
-from act.resume import RUN_MARKERS, check_new_run, check_resume
+from act.resume import RUN_MARKERS, check_new_run, check_resume, check_resume_config
 from act.signals import StopSignals
 from teachers import family_for, resolve_teacher
 
@@ -137,7 +137,7 @@ class AutoCompression:
         seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)
         self.task = self.family.task(self.teacher)
-        self.student = build_student(self.teacher, cfg, self.family)
+        self.student = self.build_student()
         self.nodes = find_nodes(self.teacher, self.family, cfg.distill.nodes)
         head = self.family.head(self.teacher)
         self.loss_fn = DistillLoss(self.nodes, cfg.distill, reg_max=getattr(head, "reg_max", 16))
@@ -180,6 +180,13 @@ class AutoCompression:
         self.train_model = model
         self.teacher_amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.train.teacher_amp or cfg.train.amp) if self.device.type == "cuda" else None
+
+    def build_student(self) -> nn.Module:
+        """The student before training (a staged run's stage starts from the previous stage's instead)."""
+        return build_student(self.teacher, self.cfg, self.family)
+
+    def before_iteration(self, it: int, batches) -> None:
+        """Called before each training iteration (a prune stage prunes here)."""
 
     def setup_pool(self) -> None:
         """The unlabeled pool, less the held-out fidelity slice (its last eval.fidelity.images images)."""
@@ -513,6 +520,9 @@ class AutoCompression:
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
 
+    def log_dir(self) -> Path:
+        return self.out / "tensorboard"
+
     def _step_sync_free(self, loss: torch.Tensor, per_node: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -565,8 +575,11 @@ class AutoCompression:
         """Output folder rules (act.resume): refuse another run's folder unless exist_ok; on resume, check last.pt
         and that the config is the run's own unless force. Then write config.yaml."""
         self._resume_ckpt = None
-        if resume:
+        force = force or getattr(self, "force", False)
+        if resume and marker_name == "last.pt":
             self._resume_ckpt = check_resume(self.out, self.cfg.dump(), force)
+        elif resume:  # (a staged run: its stages' folders hold the last.pt files; compare with its config.yaml)
+            check_resume_config(self.out, self.cfg.dump(), force)
         else:
             check_new_run(self.out, exist_ok, RUN_MARKERS if marker_name == "last.pt" else (marker_name,))
         if not self._dist().is_main:
@@ -590,6 +603,11 @@ class AutoCompression:
             f"continue from the last checkpoint with: {self.resume_command()} --force {key}={half}")
 
     def run(self, resume: bool = False, exist_ok: bool = False, force: bool = False) -> Dict[str, Any]:
+        if self.cfg.stages:
+            from act.stages import run_stages
+
+            self.force = force
+            return run_stages(self, resume=resume, exist_ok=exist_ok)
         t0 = time.time()
         self._prepare_output(resume, exist_ok, force=force)
         try:
@@ -614,7 +632,7 @@ class AutoCompression:
         self._in_step = False
         self._iteration = 0
         self._collapsed: Dict[str, str] = {}
-        log = RunLogger(self.out / "tensorboard", enabled=main)
+        log = self.logger = RunLogger(self.log_dir(), enabled=main)
         start = 0
         batches = self._batches()
         before: Dict[str, Dict[str, float]] = {}
@@ -659,6 +677,7 @@ class AutoCompression:
                 if self._should_stop(stop, it, start):
                     interrupted = stop.name or "SIGTERM"
                     break
+                self.before_iteration(it, batches)
                 t_step = time.time()
                 images = next(batches)
                 data_wait += time.time() - t_step
@@ -852,7 +871,7 @@ class AutoCompression:
         self._write_summary(summary)
         print(f"act: done. best {self.metric or 'checkpoint'}: {self.best_metric} at iteration {self.best_iteration}")
         print(f"act: outputs in {self.out}  (ONNX: {self.out / 'student.onnx'}; "
-              f"TensorBoard: tensorboard --logdir {self.out / 'tensorboard'})")
+              f"TensorBoard: tensorboard --logdir {self.log_dir()})")
         return summary
 
     def parity_images(self) -> torch.Tensor:

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
+from typing_extensions import Annotated
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -304,7 +306,93 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(
         3e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
+    latency_runs: int = Field(
+        20, ge=0, description="staged runs: time each stage's ONNX in onnxruntime on CPU this many times (median); "
+                              "0: skip")
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+
+
+def _train_overrides_model():
+    """TrainConfig with every field optional and no default: a stage's `train:` overrides of the top-level section."""
+    from pydantic import create_model
+
+    fields = {}
+    for name, f in TrainConfig.model_fields.items():
+        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[name] = (Optional[ann], Field(None, description=f.description))
+    return create_model("StageTrainConfig", __base__=_Section, **fields)
+
+
+StageTrainConfig = _train_overrides_model()
+
+
+class _Stage(_Section):
+    name: Optional[str] = Field(None, description="label of the stage (its folder, TensorBoard run); default: type")
+    train: StageTrainConfig = Field(default_factory=StageTrainConfig,
+                                    description="overrides of the top-level train section for this stage")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.train.iterations is not None and self.train.epochs is not None:
+            raise ValueError("train: set either iterations or epochs, not both")
+        return self
+
+
+class PruneStage(_Stage):
+    """Structured channel pruning (torch-pruning DepGraph) in `steps` steps with distillation between them."""
+
+    type: Literal["prune"]
+    target: float = Field(0.6, gt=0, lt=1, description="keep this share of the teacher's MACs (or params)")
+    metric: Literal["macs", "params"] = "macs"
+    scope: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform: every layer loses the same share of channels; global: one ranking over all")
+    importance: Literal["l1", "l2", "group_norm", "lamp", "taylor"] = Field(
+        "l2", description="channel-group importance: magnitude (l1 / l2 = group_norm), LAMP, or first-order Taylor "
+                          "on the distillation loss")
+    steps: int = Field(4, ge=1, description="pruning steps, each to a linearly smaller share of the MACs")
+    step_iterations: Optional[int] = Field(
+        None, ge=1, description="distillation iterations between pruning steps; default: half the stage's "
+                                "iterations / steps (the rest, after the last step, fine-tunes)")
+    taylor_batches: int = Field(4, ge=1, description="distillation batches whose gradients feed Taylor importance")
+    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="no layer loses more than this share of channels")
+    round_to: Optional[int] = Field(
+        8, ge=2, description="keep channel counts multiples of this (odd widths run slower than the unpruned model in "
+                             "onnxruntime / TensorRT kernels); null: any width")
+    ignore: List[str] = Field(default_factory=list,
+                              description="module-name globs (or 're:' regexes) whose output channels stay")
+    bias_compensation: bool = Field(
+        True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias")
+
+
+class SparsityStage(_Stage):
+    """Fine-grained sparsity kept by masks through this and every later stage; weights stay dense with zeros."""
+
+    type: Literal["sparsity"]
+    pattern: Literal["2:4", "unstructured"] = Field(
+        "2:4", description="2:4: two of every four weights along the input channels are zero (TensorRT sparse tensor "
+                           "cores); unstructured: the smallest weights by magnitude")
+    ratio: float = Field(0.5, gt=0, lt=1, description="unstructured: share of weights set to zero")
+    scope: Literal["layer", "global"] = Field("layer", description="unstructured: threshold per layer or global")
+    ignore: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept dense")
+
+
+class QuantStage(_Stage):
+    """Fake-quantization (the top-level quant section) + distillation."""
+
+    type: Literal["quant"]
+
+
+class DistillStage(_Stage):
+    """Plain distillation, no structural change (e.g. a longer recovery after pruning)."""
+
+    type: Literal["distill"]
+
+
+Stage = Annotated[Union[PruneStage, SparsityStage, QuantStage, DistillStage], Field(discriminator="type")]
 
 
 class RunConfig(_Section):
@@ -319,6 +407,24 @@ class RunConfig(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     ptq: PTQConfig = Field(default_factory=PTQConfig)
     output_dir: str = "runs/act/exp"
+    stages: Optional[List[Stage]] = Field(
+        None, description="run these stages in order (e.g. prune then quant), each from the previous stage's best "
+                          "student; default: one stage, quant if quant.enabled else distill")
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("expected at least one stage (or leave stages out)")
+            labels = [s.label for s in v]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"stage names must differ (set name: on repeated types): {dup}")
+            types = [s.type for s in v]
+            if "quant" in types and types.index("quant") != len(types) - 1:
+                raise ValueError("the quant stage must be the last stage (pruning and sparsity act on float weights)")
+        return v
 
     @field_validator("output_dir")
     @classmethod

@@ -56,6 +56,8 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
             proto = simplify_qdq(proto)
         meta = family.export_metadata(model, imgsz, batch, metadata)
         meta["args"]["dynamic"] = dynamic
+        meta["args"]["int8"] = any(isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_quantizer")
+                                   for m in model.modules())  # an FP32 stage of a staged run exports float
         from act.lint import SKIP_METADATA_KEY
 
         meta[SKIP_METADATA_KEY] = json.dumps(list(skip))

@@ -74,6 +74,30 @@ def check_new_run(out: Path, exist_ok: bool, markers=RUN_MARKERS) -> None:
                           f"output_dir=... to a new folder")
 
 
+def _refuse_or_show(out: Path, old: Dict[str, Any], new: Dict[str, Any], force: bool) -> None:
+    diffs = config_diff(old, new)
+    if diffs and not force:
+        raise ResumeError(
+            f"the config differs from the one {out} was started with:\n{format_diff(diffs)}\n"
+            f"Resume with the run's own config ({out / 'config.yaml'}), or pass --force to continue with the new "
+            f"values (the result then differs from an uninterrupted run)")
+    if diffs:
+        print(f"act: --force: resuming {out} with a changed config:\n{format_diff(diffs)}")
+
+
+def check_resume_config(out: Path, cfg_dump: Dict[str, Any], force: bool) -> None:
+    """Compare with the config.yaml the run wrote when it started (runs whose state is in sub-folders)."""
+    import yaml
+
+    f = out / "config.yaml"
+    try:
+        old = yaml.safe_load(f.read_text()) if f.is_file() else None
+    except (OSError, yaml.YAMLError):
+        old = None
+    if isinstance(old, dict):
+        _refuse_or_show(out, old, cfg_dump, force)
+
+
 def check_resume(out: Path, cfg_dump: Dict[str, Any], force: bool) -> Dict[str, Any]:
     """Validate a --resume into `out` with config `cfg_dump`; returns last.pt's checkpoint (loaded on CPU)."""
     from act.checkpoint import load_checkpoint
@@ -89,12 +113,5 @@ def check_resume(out: Path, cfg_dump: Dict[str, Any], force: bool) -> Dict[str, 
         raise ResumeError(f"{last} holds no training state to resume from")
     old = st.get("config")
     if isinstance(old, dict):
-        diffs = config_diff(old, cfg_dump)
-        if diffs and not force:
-            raise ResumeError(
-                f"the config differs from the one {out} was started with:\n{format_diff(diffs)}\n"
-                f"Resume with the run's own config ({out / 'config.yaml'}), or pass --force to continue with the new "
-                f"values (the result then differs from an uninterrupted run)")
-        if diffs:
-            print(f"act: --force: resuming {out} with a changed config:\n{format_diff(diffs)}")
+        _refuse_or_show(out, old, cfg_dump, force)
     return ckpt
