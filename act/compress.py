@@ -627,7 +627,7 @@ class AutoCompression:
         self.nonfinite_steps = 0
         self.loss_history: List[float] = []  # loss of every step of this process (for scripts and tests)
         self.calibrate_time = 0.0
-        self.guard = NanGuard(self.cfg.train.nan_policy, self.student, self.optimizer, self.scheduler)
+        self.guard = NanGuard(self.cfg.train.nan_policy, self)
         self._updating = False
         self._in_step = False
         self._iteration = 0

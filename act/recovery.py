@@ -40,25 +40,46 @@ def grads_finite(params) -> bool:
 class NanGuard:
     """Bookkeeping and actions of the NaN/Inf policy for one training run."""
 
-    def __init__(self, policy, model: nn.Module, optimizer, scheduler):
+    def __init__(self, policy, owner):
+        """owner: the run (its .student, .optimizer and .scheduler are looked up at each use: a prune stage
+        replaces them mid-run)."""
         self.policy = policy
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.owner = owner
         self.skipped = 0          # non-finite steps skipped in total
         self.consecutive = 0      # ... in a row, up to now
         self.restores = 0         # times the last good state was restored
         self.lr_scale = 1.0       # product of the lr_factor of every restore
         self.events: List[Dict[str, Any]] = []
         # floating/bool buffers of the model (quantizer running ranges, flags): saved before each step, put back
-        # when the step is skipped so a NaN batch cannot poison the moving averages
-        self._buffers = [b for b in model.buffers() if b.dtype.is_floating_point or b.dtype == torch.bool]
-        self._before = [b.detach().clone() for b in self._buffers]
+        # when the step is skipped or cut short
+        self._buffers: List[torch.Tensor] = []
+        self._before: List[torch.Tensor] = []
+        self._buffers_of = None
         self._good: Optional[Dict[str, Any]] = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.owner.student
+
+    @property
+    def optimizer(self):
+        return self.owner.optimizer
+
+    @property
+    def scheduler(self):
+        return self.owner.scheduler
+
+    def _track_buffers(self) -> None:
+        bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point or b.dtype == torch.bool]
+        if self._buffers_of is not self.model or len(bufs) != len(self._buffers) or any(
+                a is not b for a, b in zip(bufs, self._buffers)):
+            self._buffers, self._buffers_of = bufs, self.model
+            self._before = [b.detach().clone() for b in bufs]
 
     # -- per step ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self) -> None:
+        self._track_buffers()
         if self._buffers:
             if hasattr(torch, "_foreach_copy_"):
                 torch._foreach_copy_(self._before, self._buffers)
@@ -68,8 +89,11 @@ class NanGuard:
 
     @torch.no_grad()
     def _undo_buffers(self) -> None:
+        if self._buffers_of is not self.model:
+            return
         for b, saved in zip(self._buffers, self._before):
-            b.copy_(saved)
+            if b.shape == saved.shape:
+                b.copy_(saved)
 
     def good_step(self) -> None:
         self.consecutive = 0
@@ -132,9 +156,12 @@ class NanGuard:
         return self._good["iteration"] if self._good else None
 
     def restore(self) -> None:
-        if self._good is not None:
-            self.model.load_state_dict(self._good["model"])
-            self.optimizer.load_state_dict(self._good["optimizer"])
+        good = self._good
+        same = good is not None and {k: tuple(v.shape) for k, v in self.model.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in good["model"].items()}
+        if same:  # (a prune step since the snapshot changes the architecture: then only the lr is lowered)
+            self.model.load_state_dict(good["model"])
+            self.optimizer.load_state_dict(good["optimizer"])
         self.restores += 1
         f = self.policy.lr_factor
         self.lr_scale *= f
