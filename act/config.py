@@ -7,6 +7,7 @@ overrides, validates, and raises `ConfigError` naming the key path and what was 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
@@ -15,7 +16,7 @@ from typing_extensions import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from act.errors import ConfigError
+from act.errors import ConfigError, ModelError
 
 
 class _Section(BaseModel):
@@ -169,6 +170,17 @@ class QuantConfig(_Section):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
+class NanPolicyConfig(_Section):
+    """What to do when a step's loss or gradient is NaN/Inf (see docs/reliability.md): skip it; after
+    `max_consecutive` in a row restore the last good state and multiply the learning rates by `lr_factor`; stop
+    (exit 4, best.pt kept) when more than `max_restores` restores or `max_skipped` skipped steps would be needed."""
+
+    max_consecutive: int = Field(3, ge=1, description="skipped steps in a row that trigger a restore")
+    lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied at each restore")
+    max_restores: int = Field(3, ge=0, description="restores allowed before the run stops")
+    max_skipped: Optional[int] = Field(None, ge=0, description="skipped steps allowed in total (None: no limit)")
+
+
 class TrainConfig(_Section):
     iterations: Optional[int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
@@ -185,6 +197,7 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
     log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
     checkpoint_every: int = Field(100, ge=1)
+    nan_policy: NanPolicyConfig = Field(default_factory=NanPolicyConfig)
     # speed (docs/scale.md)
     teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
         None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
@@ -413,6 +426,13 @@ class RunConfig(_Section):
                 raise ValueError("the quant stage must be the last stage (pruning and sparsity act on float weights)")
         return v
 
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_dir(cls, v):
+        if not v.strip() or "\x00" in v:
+            raise ValueError("expected a folder path (not empty, no NUL characters)")
+        return v
+
     def dump(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -436,14 +456,41 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=200)")
         key, value = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(value) if value != "" else None)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid config:\n  {key.strip()}: the override value {value!r} is not valid YAML "
+                              f"({str(e).splitlines()[0]})") from None
+        _set_dotted(out, key.strip(), parsed)
     return out
 
 
+_UNION_TAG = re.compile(r"^(bool|int|float|str|bytes|none|(list|dict|tuple|set|literal|function-\w+|json-or-python|"
+                        r"lax-or-strict|constrained-\w+|nullable)\[.*\]|function-\w+)$")
+
+
+def _section_names() -> set:
+    out, todo = set(), [_Section]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.add(sub.__name__)
+            todo.append(sub)
+    return out
+
+
+def _key_path(loc) -> str:
+    """The dotted key path of a pydantic error location, without the union member tags pydantic puts in it (e.g.
+    data.augment.AugmentConfig.flip -> data.augment.flip)."""
+    sections = _section_names()
+    keep = [str(p) for i, p in enumerate(loc)
+            if not (i > 0 and isinstance(p, str) and (_UNION_TAG.match(p) or p in sections))]
+    return ".".join(keep) or "<root>"
+
+
 def format_validation_error(err: ValidationError) -> str:
-    lines = []
+    merged: Dict[str, List[str]] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<root>"
+        path = _key_path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -451,7 +498,10 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "missing required key"
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{shown}")
+        item = f"{msg}{shown}"
+        if item not in merged.setdefault(path, []):
+            merged[path].append(item)
+    lines = [f"  {path}: " + "; or ".join(items) for path, items in merged.items()]
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -489,7 +539,10 @@ def check_paths(cfg: RunConfig) -> None:
     from act.data import resolve_source_exists
     from teachers import resolve_teacher
 
-    resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    try:
+        resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    except ModelError as e:
+        raise ModelError(f"invalid config:\n  model.teacher: {e}") from None
     problem = resolve_source_exists(cfg.data.train)
     if problem:
         raise ConfigError(f"invalid config:\n  data.train: {problem}")

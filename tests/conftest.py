@@ -49,3 +49,11 @@ def cli_env():
     env["YOLO_OFFLINE"] = "1"
     env["ACT_NO_PROGRESS"] = "1"
     return env
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's one-line account (tests/fault_registry.py), when any fault test ran."""
+    import fault_registry
+
+    for line in fault_registry.summary_lines():
+        terminalreporter.write_line(line)
