@@ -20,12 +20,12 @@ def _compress(args) -> int:
         devices = parse_devices(args.devices)
         if len(devices) > 1:  # one process per device, through torchrun
             child = ["compress", "--config", args.config] + (["--resume"] if args.resume else []) + (
-                ["--exist-ok"] if args.exist_ok else []) + list(args.overrides)
+                ["--exist-ok"] if args.exist_ok else []) + (["--force"] if args.force else []) + list(args.overrides)
             return launch(devices, child)
         args.overrides = list(args.overrides) + [
             "train.device=" + ("cpu" if devices[0] == "cpu" else f"cuda:{devices[0]}")]
     runner = AutoCompression(args.config, overrides=args.overrides)
-    runner.run(resume=args.resume, exist_ok=args.exist_ok)
+    runner.run(resume=args.resume, exist_ok=args.exist_ok, force=args.force)
     return 0
 
 
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="run config YAML (see configs/)")
     c.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
     c.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another run")
+    c.add_argument("--force", action="store_true", help="with --resume: continue even if the config differs from "
+                                                        "the run's (the differences are shown)")
     c.add_argument("--devices", help="data-parallel over these devices, one process each through torchrun: GPU "
                                      "indices '0,1', or 'cpu,cpu' for CPU processes (gloo); data.batch_size is per "
                                      "device (docs/scale.md)")
@@ -148,17 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from act.errors import ActError
+    from act.errors import ActError, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"act: {e}", file=sys.stderr)
+        return e.exit_code
     except ActError as e:
         print(f"act: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("act: interrupted", file=sys.stderr)
+        print("act: interrupted (the last complete checkpoint, if any, is intact; resume with --resume)",
+              file=sys.stderr)
         return 130
+    except OSError as e:  # an environment problem outside act's own writes (e.g. TensorBoard's event file)
+        from act.fileio import describe_os_error
+
+        print(f"act: error: {describe_os_error(e, e.filename or 'a file')}", file=sys.stderr)
+        return 5
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            print(f"act: error: CUDA out of memory ({str(e).splitlines()[0]}); try a smaller data.batch_size or "
+                  f"eval.batch_size", file=sys.stderr)
+            return 5
+        raise
 
 
 if __name__ == "__main__":

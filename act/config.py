@@ -7,13 +7,16 @@ overrides, validates, and raises `ConfigError` naming the key path and what was 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+from typing_extensions import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from act.errors import ConfigError
+from act.errors import ConfigError, ModelError
 
 
 class _Section(BaseModel):
@@ -249,6 +252,17 @@ class QuantConfig(_Section):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
+class NanPolicyConfig(_Section):
+    """What to do when a step's loss or gradient is NaN/Inf (see docs/reliability.md): skip it; after
+    `max_consecutive` in a row restore the last good state and multiply the learning rates by `lr_factor`; stop
+    (exit 4, best.pt kept) when more than `max_restores` restores or `max_skipped` skipped steps would be needed."""
+
+    max_consecutive: int = Field(3, ge=1, description="skipped steps in a row that trigger a restore")
+    lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied at each restore")
+    max_restores: int = Field(3, ge=0, description="restores allowed before the run stops")
+    max_skipped: Optional[int] = Field(None, ge=0, description="skipped steps allowed in total (None: no limit)")
+
+
 class TrainConfig(_Section):
     iterations: Optional[int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
@@ -265,6 +279,7 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
     log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
     checkpoint_every: int = Field(100, ge=1)
+    nan_policy: NanPolicyConfig = Field(default_factory=NanPolicyConfig)
     # speed (docs/scale.md)
     teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
         None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
@@ -373,7 +388,93 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(
         3e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
+    latency_runs: int = Field(
+        20, ge=0, description="staged runs: time each stage's ONNX in onnxruntime on CPU this many times (median); "
+                              "0: skip")
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+
+
+def _train_overrides_model():
+    """TrainConfig with every field optional and no default: a stage's `train:` overrides of the top-level section."""
+    from pydantic import create_model
+
+    fields = {}
+    for name, f in TrainConfig.model_fields.items():
+        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[name] = (Optional[ann], Field(None, description=f.description))
+    return create_model("StageTrainConfig", __base__=_Section, **fields)
+
+
+StageTrainConfig = _train_overrides_model()
+
+
+class _Stage(_Section):
+    name: Optional[str] = Field(None, description="label of the stage (its folder, TensorBoard run); default: type")
+    train: StageTrainConfig = Field(default_factory=StageTrainConfig,
+                                    description="overrides of the top-level train section for this stage")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.train.iterations is not None and self.train.epochs is not None:
+            raise ValueError("train: set either iterations or epochs, not both")
+        return self
+
+
+class PruneStage(_Stage):
+    """Structured channel pruning (torch-pruning DepGraph) in `steps` steps with distillation between them."""
+
+    type: Literal["prune"]
+    target: float = Field(0.6, gt=0, lt=1, description="keep this share of the teacher's MACs (or params)")
+    metric: Literal["macs", "params"] = "macs"
+    scope: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform: every layer loses the same share of channels; global: one ranking over all")
+    importance: Literal["l1", "l2", "group_norm", "lamp", "taylor"] = Field(
+        "l2", description="channel-group importance: magnitude (l1 / l2 = group_norm), LAMP, or first-order Taylor "
+                          "on the distillation loss")
+    steps: int = Field(4, ge=1, description="pruning steps, each to a linearly smaller share of the MACs")
+    step_iterations: Optional[int] = Field(
+        None, ge=1, description="distillation iterations between pruning steps; default: half the stage's "
+                                "iterations / steps (the rest, after the last step, fine-tunes)")
+    taylor_batches: int = Field(4, ge=1, description="distillation batches whose gradients feed Taylor importance")
+    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="no layer loses more than this share of channels")
+    round_to: Optional[int] = Field(
+        8, ge=2, description="keep channel counts multiples of this (odd widths run slower than the unpruned model in "
+                             "onnxruntime / TensorRT kernels); null: any width")
+    ignore: List[str] = Field(default_factory=list,
+                              description="module-name globs (or 're:' regexes) whose output channels stay")
+    bias_compensation: bool = Field(
+        True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias")
+
+
+class SparsityStage(_Stage):
+    """Fine-grained sparsity kept by masks through this and every later stage; weights stay dense with zeros."""
+
+    type: Literal["sparsity"]
+    pattern: Literal["2:4", "unstructured"] = Field(
+        "2:4", description="2:4: two of every four weights along the input channels are zero (TensorRT sparse tensor "
+                           "cores); unstructured: the smallest weights by magnitude")
+    ratio: float = Field(0.5, gt=0, lt=1, description="unstructured: share of weights set to zero")
+    scope: Literal["layer", "global"] = Field("layer", description="unstructured: threshold per layer or global")
+    ignore: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept dense")
+
+
+class QuantStage(_Stage):
+    """Fake-quantization (the top-level quant section) + distillation."""
+
+    type: Literal["quant"]
+
+
+class DistillStage(_Stage):
+    """Plain distillation, no structural change (e.g. a longer recovery after pruning)."""
+
+    type: Literal["distill"]
+
+
+Stage = Annotated[Union[PruneStage, SparsityStage, QuantStage, DistillStage], Field(discriminator="type")]
 
 
 class RunConfig(_Section):
@@ -393,6 +494,31 @@ class RunConfig(_Section):
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     output_dir: str = "runs/act/exp"
+    stages: Optional[List[Stage]] = Field(
+        None, description="run these stages in order (e.g. prune then quant), each from the previous stage's best "
+                          "student; default: one stage, quant if quant.enabled else distill")
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("expected at least one stage (or leave stages out)")
+            labels = [s.label for s in v]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"stage names must differ (set name: on repeated types): {dup}")
+            types = [s.type for s in v]
+            if "quant" in types and types.index("quant") != len(types) - 1:
+                raise ValueError("the quant stage must be the last stage (pruning and sparsity act on float weights)")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_dir(cls, v):
+        if not v.strip() or "\x00" in v:
+            raise ValueError("expected a folder path (not empty, no NUL characters)")
+        return v
 
     def dump(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -417,14 +543,41 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=200)")
         key, value = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(value) if value != "" else None)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid config:\n  {key.strip()}: the override value {value!r} is not valid YAML "
+                              f"({str(e).splitlines()[0]})") from None
+        _set_dotted(out, key.strip(), parsed)
     return out
 
 
+_UNION_TAG = re.compile(r"^(bool|int|float|str|bytes|none|(list|dict|tuple|set|literal|function-\w+|json-or-python|"
+                        r"lax-or-strict|constrained-\w+|nullable)\[.*\]|function-\w+)$")
+
+
+def _section_names() -> set:
+    out, todo = set(), [_Section]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.add(sub.__name__)
+            todo.append(sub)
+    return out
+
+
+def _key_path(loc) -> str:
+    """The dotted key path of a pydantic error location, without the union member tags pydantic puts in it (e.g.
+    data.augment.AugmentConfig.flip -> data.augment.flip)."""
+    sections = _section_names()
+    keep = [str(p) for i, p in enumerate(loc)
+            if not (i > 0 and isinstance(p, str) and (_UNION_TAG.match(p) or p in sections))]
+    return ".".join(keep) or "<root>"
+
+
 def format_validation_error(err: ValidationError) -> str:
-    lines = []
+    merged: Dict[str, List[str]] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<root>"
+        path = _key_path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -432,7 +585,10 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "missing required key"
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{shown}")
+        item = f"{msg}{shown}"
+        if item not in merged.setdefault(path, []):
+            merged[path].append(item)
+    lines = [f"  {path}: " + "; or ".join(items) for path, items in merged.items()]
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -470,7 +626,10 @@ def check_paths(cfg: RunConfig) -> None:
     from act.data import resolve_source_exists
     from teachers import resolve_teacher
 
-    resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    try:
+        resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    except ModelError as e:
+        raise ModelError(f"invalid config:\n  model.teacher: {e}") from None
     problem = resolve_source_exists(cfg.data.train)
     if problem:
         raise ConfigError(f"invalid config:\n  data.train: {problem}")

@@ -217,7 +217,8 @@ class AutoStrategy:
                 raise ConfigError("invalid config:\n  auto.prune: a speed/size target needs act's pruning stage, "
                                   "which this act installation does not have; remove auto.prune (quantization only)")
             raise ConfigError("invalid config:\n  auto.prune: strategy auto does not run the pruning stage yet; "
-                              "prune with strategy: qat and act.prune's own config, or remove auto.prune")
+                              "prune with the `stages:` pipeline (a prune stage, then a quant stage), or remove "
+                              "auto.prune")
         if not self.cfg.quant.enabled:
             raise ConfigError("invalid config:\n  quant.enabled: false, but strategy auto quantizes (use strategy: "
                               "qat for distillation without quantization)")

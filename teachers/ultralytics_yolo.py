@@ -159,3 +159,21 @@ class UltralyticsYOLO:
         if extra:
             meta.update(extra)
         return meta
+
+
+    # ---- structured pruning (act.prune; details in teachers/ultralytics_prune.py) ----------------------------------
+    def prune_ignored(self, model: nn.Module) -> List[nn.Module]:
+        from teachers.ultralytics_prune import prune_ignored
+
+        return prune_ignored(self, model)
+
+    def prepare_for_pruning(self, model: nn.Module) -> nn.Module:
+        from teachers.ultralytics_prune import split_c2f_blocks
+
+        split_c2f_blocks(model)
+        return model
+
+    def prune_forward(self, model: nn.Module, x: torch.Tensor):
+        from teachers.ultralytics_prune import prune_forward
+
+        return prune_forward(model, x)

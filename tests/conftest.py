@@ -52,6 +52,14 @@ def cli_env():
     return env
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's one-line account (tests/fault_registry.py), when any fault test ran."""
+    import fault_registry
+
+    for line in fault_registry.summary_lines():
+        terminalreporter.write_line(line)
+
+
 # ---- strategy auto runs shared by test_strategy.py and test_report.py (real teacher, coco-pose-mini, 160 px) ----
 DATA_YAML = REPO / "data" / "coco-pose-mini.yaml"
 

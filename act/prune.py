@@ -1,0 +1,220 @@
+"""Structured channel pruning of a student with torch-pruning (DepGraph), to a target share of the teacher's MACs or
+parameters.
+
+    pruner = StructuredPruner(family, stage)            # stage: an act.config.PruneStage
+    info = pruner.prune_to(student, target_macs)         # in place; returns what it did
+
+The model family prepares the model (Ultralytics C2f/C3k2 chunk splits become two convs, see
+teachers/ultralytics_prune.py) and names the modules whose channels stay (the head's last convs: the distillation
+nodes; the DFL decode; attention blocks). torch-pruning's channel ratio for the target is searched on deep copies
+(MACs counted after each trial), then applied to the model: the result lands within 2% of the target. MACs are counted
+at the run's imgsz (attention MACs grow faster than H*W, so the ratio depends on it). Importance: L1 / L2 magnitude
+of the whole dependency group, LAMP, or first-order Taylor (|w * dL/dw|) on gradients of the distillation loss that
+the caller accumulated into the student's `.grad` (see `accumulate_grads`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from act.errors import ActError
+
+TRACE_IMGSZ = 160  # MACs of a conv net scale with H*W, so their ratio does not depend on the traced size
+
+
+def model_cost(model: nn.Module, imgsz: int = TRACE_IMGSZ) -> Tuple[float, int]:
+    """(MACs, parameters) of one image at imgsz x imgsz, by torch-pruning's counter (a deep copy runs, in eval)."""
+    p = next(model.parameters())
+    x = torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, x)
+    return float(macs), int(params)
+
+
+def importance_for(kind: str, have_grads: bool):
+    """The torch-pruning importance of a config name. Taylor without gradients (the first step, where the student
+    still equals the teacher and the distillation loss and its gradient are 0) falls back to L2 magnitude."""
+    if kind == "taylor" and have_grads:
+        return tp.importance.GroupTaylorImportance()
+    if kind == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if kind == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    return tp.importance.GroupMagnitudeImportance(p=2)  # l2, group_norm (group L2 norm), taylor w/o grads
+
+
+def accumulate_grads(model: nn.Module, loss_fn: Callable[[], torch.Tensor], batches: int) -> float:
+    """Zero the student's grads, then backward `loss_fn()` `batches` times (the grads add up). Returns the mean loss."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(batches):
+        loss = loss_fn()
+        loss.backward()
+        total += float(loss.detach())
+    return total / max(batches, 1)
+
+
+class StructuredPruner:
+    """Prunes a (float, BN-folded) student in place towards a MACs or params target.
+
+    torch-pruning's channel ratio does not map linearly to MACs, and with `round_to` the map is a staircase, so the
+    ratio is searched: trials prune deep copies (a first guess from MACs ~ (1 - r)^2, then interpolation inside the
+    bracket of ratios above / below the target) until one lands within `tolerance` of the target; the closest trial's
+    ratio then prunes the model itself (the same importances, so the same channels: the copies get the gradients too)."""
+
+    def __init__(self, family, stage, imgsz: int = TRACE_IMGSZ, tolerance: float = 0.02, max_trials: int = 8):
+        self.family = family
+        self.stage = stage
+        self.imgsz = imgsz
+        self.tolerance = tolerance
+        self.max_trials = max_trials
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return self.family.prepare_for_pruning(model)
+
+    def _prune_at(self, model: nn.Module, ratio: float, have_grads: bool,
+                  means: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        st = self.stage
+        p = next(model.parameters())
+        example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
+        ignored = list(self.family.prune_ignored(model)) + self._ignored_by_name(model)
+        try:
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=importance_for(st.importance, have_grads),
+                global_pruning=st.scope == "global", pruning_ratio=ratio, max_pruning_ratio=st.max_layer_ratio,
+                iterative_steps=1, ignored_layers=ignored, round_to=st.round_to,
+                forward_fn=self.family.prune_forward,
+            )
+        except Exception as e:  # an architecture DepGraph cannot follow
+            raise ActError(f"torch-pruning could not build the dependency graph of the student: "
+                           f"{type(e).__name__}: {e}") from e
+        names = {m: n for n, m in model.named_modules()}
+        for group in pruner.step(interactive=True):
+            if means:
+                compensate_bias(group, pruner.DG, names, means)
+            group.prune()
+
+    def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
+                 images: Optional[torch.Tensor] = None, progress: Optional[Callable[[Dict], None]] = None,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict:
+        """Prune until the stage's metric (macs | params, of one imgsz image) is as close to `target` as the search
+        gets (within `tolerance` unless round_to's staircase has no step there).
+        Returns {macs, params, trials, channel_ratio, importance, reached}."""
+        st = self.stage
+        self.prepare(model)
+        which = 0 if st.metric == "macs" else 1
+        start_cost = model_cost(model, self.imgsz)
+        start = start_cost[which]
+        info = {"macs": start_cost[0], "params": start_cost[1], "trials": 0, "channel_ratio": 0.0,
+                "reached": start <= target * (1 + self.tolerance),
+                "importance": "taylor" if st.importance == "taylor" and have_grads else
+                ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
+        if info["reached"]:
+            return info
+        if have_grads:  # Taylor reads every layer's grad; layers outside the training forward (DFL) have none
+            for prm in model.parameters():
+                if prm.grad is None:
+                    prm.grad = torch.zeros_like(prm)
+        was = model.training
+        means = input_means(model, images) if images is not None and st.bias_compensation else None
+        if means and reduce is not None:  # e.g. the mean over DDP ranks
+            means = {k: reduce(v) for k, v in means.items()}
+        cap = st.max_layer_ratio
+        trials: Dict[float, float] = {}
+        lo, c_lo, hi, c_hi, exponent = 0.0, start, None, None, 2.0
+        sides = []
+        for _ in range(self.max_trials):
+            if hi is None:
+                r = min(cap, max(lo + 0.002, 1 - (target / start) ** (1 / exponent)))
+            elif len(sides) >= 2 and sides[-1] == sides[-2]:  # interpolation stuck on one side: bisect
+                r = (lo + hi) / 2
+            else:  # log-linear interpolation inside the bracket
+                f = (math.log(c_lo) - math.log(target)) / max(math.log(c_lo) - math.log(c_hi), 1e-9)
+                r = min(hi - 0.001, max(lo + 0.001, lo + (hi - lo) * f))
+            if r in trials:
+                break
+            trial = copy.deepcopy(model)
+            if have_grads:  # deepcopy of a Parameter drops .grad
+                for src, dst in zip(model.parameters(), trial.parameters()):
+                    dst.grad = None if src.grad is None else src.grad.clone()
+            self._prune_at(trial, r, have_grads, means)
+            c = trials[r] = model_cost(trial, self.imgsz)[which]
+            del trial
+            if progress:
+                progress({"channel_ratio": r, "cost": c, "target": target})
+            if abs(c / target - 1) <= self.tolerance:
+                break
+            sides.append(c > target)
+            if c > target:
+                lo, c_lo = r, c
+                if 0 < c < start:
+                    exponent = max(0.5, math.log(c / start) / math.log(1 - r))
+                if r >= cap:
+                    break  # max_layer_ratio allows no more
+            else:
+                hi, c_hi = r, c
+            if hi is not None and hi - lo < 0.002:
+                break
+        best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
+        self._prune_at(model, best, have_grads, means)
+        cost = model_cost(model, self.imgsz)
+        info.update(macs=cost[0], params=cost[1], trials=len(trials), channel_ratio=round(best, 4),
+                    reached=abs(cost[which] / target - 1) <= self.tolerance)
+        model.train(was)
+        model.zero_grad(set_to_none=True)
+        return info
+
+    def _ignored_by_name(self, model: nn.Module):
+        from act.quant import matches_any
+
+        pats = list(self.stage.ignore)
+        return [m for n, m in model.named_modules() if n and pats and matches_any(n, pats)]
+
+
+@torch.no_grad()
+def input_means(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mean of every input channel of every Conv2d over `images` (eval mode), by module name."""
+    means: Dict[str, torch.Tensor] = {}
+    hooks = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, n=n: means.__setitem__(n, inp[0].float().mean(dim=(0, 2, 3)))))
+    was = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        model(images.to(p.device, p.dtype))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return means
+
+
+@torch.no_grad()
+def compensate_bias(group, DG, names: Dict[nn.Module, str], means: Dict[str, torch.Tensor]) -> None:
+    """Before a group is pruned: every conv that loses input channels takes their mean contribution into its bias,
+    bias += sum_k W[:, j, k] * mean(x_j). In a BN-folded network the channels of smallest weight are often nearly
+    constant (silu of the folded BN shift), and dropping a constant input shifts every output of the next layer;
+    this keeps the first moment (exact for a constant channel, away from the zero-padded border)."""
+    for dep, idxs in group:
+        conv = dep.target.module
+        if (not isinstance(conv, nn.Conv2d) or DG.is_out_channel_pruning_fn(dep.handler) or conv.groups != 1
+                or not idxs):
+            continue
+        mean = means.get(names.get(conv, ""))
+        if mean is None or mean.numel() != conv.in_channels:
+            continue
+        idx = torch.as_tensor(list(idxs), device=conv.weight.device, dtype=torch.long)
+        shift = conv.weight.detach()[:, idx].sum(dim=(2, 3)).float() @ mean.to(conv.weight.device)[idx]
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
+                                                 dtype=conv.weight.dtype))
+        conv.bias.data += shift.to(conv.bias.dtype)

@@ -1,0 +1,187 @@
+"""Pruning, sparsity and staged runs on the real yolo11n-pose teacher (CPU, 160 px, packaged images)."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from act import AutoCompression
+from act.checkpoint import load_checkpoint
+from act.errors import ActError, ConfigError
+from act.prune import model_cost
+from act.sparsity import SparsityMasks, eligible_layers, is_2to4, mask_2to4
+from act.stages import StageRun
+from conftest import tiny_config
+
+HEAD_LAST = {"model.23.cv2.0.2": 64, "model.23.cv3.0.2": 1, "model.23.cv4.0.2": 51, "model.23.dfl.conv": 1}
+
+
+def _prune_quant_cfg(out, **prune):
+    stage = {"type": "prune", "target": 0.6, "steps": 2, "step_iterations": 2, "train": {"iterations": 5, "lr": 1e-4}}
+    stage.update(prune)
+    return tiny_config(out, stages=[stage, {"type": "quant", "train": {"iterations": 2}}],
+                       export={"parity_images": 2, "latency_runs": 2})
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("staged")
+    ac = AutoCompression(_prune_quant_cfg(out))
+    summary = ac.run()
+    return ac, summary, out
+
+
+def test_pruned_to_target_macs(staged):
+    ac, summary, out = staged
+    teacher = ac.stage_runs[0].teacher
+    pruned = load_checkpoint(out / "stages/1_prune/best.pt")["model"].float()
+    ratio = model_cost(pruned, 160)[0] / model_cost(teacher, 160)[0]
+    assert abs(ratio - 0.6) <= 0.05 * 0.6, ratio
+    assert summary["stages"][0]["cost"]["macs_ratio"] == pytest.approx(ratio, abs=1e-3)
+    # the quant stage keeps the pruned architecture (and reports its MACs)
+    assert summary["stages"][1]["cost"]["macs_ratio"] == pytest.approx(ratio, abs=1e-3)
+    steps = summary["stages"][0]["stage"]["prune_steps"]
+    assert [s["iteration"] for s in steps] == [0, 2]
+    assert 0.75 < steps[0]["macs_ratio"] < 0.85 and abs(steps[1]["macs_ratio"] - 0.6) < 0.03  # linear schedule
+
+
+def test_head_outputs_and_decode_are_not_pruned(staged):
+    ac, _, out = staged
+    pruned = load_checkpoint(out / "stages/1_prune/best.pt")["model"]
+    convs = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    for name, width in HEAD_LAST.items():
+        assert convs[name] == width, name
+    teacher = {n: m.out_channels for n, m in ac.stage_runs[0].teacher.named_modules() if isinstance(m, nn.Conv2d)}
+    shrunk = [n for n in convs if n in teacher and convs[n] < teacher[n]]
+    assert len(shrunk) > 30  # pruned all over, C2f halves included (cv0/cv1 are the split cv1)
+    assert any(n.endswith(".cv0.conv") for n in convs if convs[n] < 64)
+
+
+def test_pruned_and_quantized_models_run_and_load_in_ultralytics(staged, assets_dir):
+    from ultralytics import YOLO
+
+    _, summary, out = staged
+    for artifact in ("stages/1_prune/best.pt", "stages/1_prune/student.onnx", "best.pt", "student.onnx"):
+        model = YOLO(str(out / artifact), task="pose")
+        res = model.predict(str(assets_dir / "bus.jpg"), imgsz=160, verbose=False, conf=0.01)
+        assert res[0].keypoints is not None and res[0].keypoints.xy.shape[1:] == (17, 2), artifact
+    rows = summary["stages"]
+    assert rows[0]["onnx"]["parity_passed"] and rows[0]["onnx"]["quantize_linear"] == 0
+    assert rows[1]["onnx"]["parity_passed"] and rows[1]["onnx"]["quantize_linear"] > 50
+
+
+def test_summary_reports_each_stage(staged):
+    _, summary, out = staged
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert [r["stage"]["name"] for r in on_disk["stages"]] == ["prune", "quant"]
+    for r in on_disk["stages"]:
+        assert r["cost"]["macs"] > 0 and r["cost"]["params"] > 0 and r["cost"]["imgsz"] == 160
+        assert r["latency"]["onnxruntime_cpu"]["median_ms"] > 0 and r["latency"]["onnxruntime_cpu"]["batch"] == 1
+        assert "fidelity_pose_map50_95" in r["metrics"]["best"]  # label-free metrics per stage
+    assert json.loads((out / "stages.json").read_text())["done"] == ["prune", "quant"]
+    for d in ("1_prune", "2_quant"):
+        assert list((out / "tensorboard" / d).glob("events.out.tfevents.*")), d
+    assert summary["onnx"]["path"] == str(out / "student.onnx")
+
+
+def test_resume_mid_prune_stage(tmp_path, monkeypatch):
+    cfg = _prune_quant_cfg(tmp_path, importance="taylor", taylor_batches=1)
+    cfg["export"] = {"onnx": False}
+    calls = {"n": 0}
+    real_step = StageRun.train_step
+
+    def step_then_interrupt(self, images):
+        calls["n"] += 1
+        if calls["n"] == 4:  # prune stage, iteration 4 (after the second pruning step at iteration 2)
+            raise KeyboardInterrupt
+        return real_step(self, images)
+
+    monkeypatch.setattr(StageRun, "train_step", step_then_interrupt)
+    with pytest.raises(ActError, match="(?s)stage 1/2, prune\\).*--resume"):
+        AutoCompression(cfg).run()
+    last = load_checkpoint(tmp_path / "stages/1_prune/last.pt")
+    assert last["act"]["iteration"] == 3 and last["act"]["stage"]["prune_steps_done"] == 2
+    # the first step prunes a student equal to the teacher (zero distillation loss): magnitude; then Taylor
+    assert [s["importance"] for s in last["act"]["stage"]["prune_log"]] == ["l2", "taylor"]
+    pruned_widths = {n: m.out_channels for n, m in last["model"].named_modules() if isinstance(m, nn.Conv2d)}
+    assert not (tmp_path / "stages/2_quant").exists()
+
+    monkeypatch.setattr(StageRun, "train_step", real_step)
+    ac = AutoCompression(cfg)
+    ac.run(resume=True)
+    prune_run, quant_run = ac.stage_runs
+    assert len(prune_run.loss_history) == 2  # iterations 4 and 5 of the prune stage, no pruning step again
+    assert prune_run.prune_steps_done == 2 and len(prune_run.prune_log) == 2
+    assert {n: m.out_channels for n, m in prune_run.student.named_modules()
+            if isinstance(m, nn.Conv2d)} == pruned_widths
+    assert len(quant_run.loss_history) == 2
+    assert load_checkpoint(tmp_path / "stages/1_prune/last.pt")["act"]["iteration"] == 5
+    assert load_checkpoint(tmp_path / "last.pt")["act"]["iteration"] == 2
+    # a second resume of a finished run skips both stages
+    ac3 = AutoCompression(cfg)
+    ac3.run(resume=True)
+    assert ac3.stage_runs == []
+
+
+def test_2to4_masks_hold_through_training_and_export(tmp_path):
+    cfg = tiny_config(tmp_path, stages=[{"type": "sparsity", "pattern": "2:4", "train": {"iterations": 3, "lr": 1e-3}},
+                                        {"type": "quant", "train": {"iterations": 2, "lr": 1e-3}}],
+                      eval={"fidelity": {"enabled": False}}, export={"parity_images": 2, "latency_runs": 1})
+    ac = AutoCompression(cfg)
+    summary = ac.run()
+    teacher = ac.stage_runs[0].teacher
+    for path in ("stages/1_sparsity/best.pt", "best.pt"):
+        model = load_checkpoint(tmp_path / path)["model"]
+        layers = eligible_layers(model, "2:4", ignore=["*.dfl", "*.dfl.*"])
+        assert len(layers) > 60
+        for name, m in layers.items():
+            assert is_2to4(m.weight), (path, name)
+        trained = [n for n, m in layers.items()
+                   if not torch.equal(m.weight.detach() != 0, teacher.get_submodule(n).weight != 0)]
+        assert trained  # the weights did change (2:4 zeros, trained non-zeros) ...
+        moved = sum(not torch.allclose(m.weight.detach()[m.weight != 0], teacher.get_submodule(n).weight[m.weight != 0])
+                    for n, m in layers.items())
+        assert moved > 10  # ... and training moved the kept ones
+    assert summary["stages"][0]["stage"]["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # the FP32 ONNX holds the dense weights with the zeros in place
+    proto = onnx.load(str(tmp_path / "stages/1_sparsity/student.onnx"))
+    w4 = [numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) == 4 and t.dims[1] % 4 == 0
+          and t.dims[1] > 1]
+    zero_share = sum(int((w == 0).sum()) for w in w4) / sum(w.size for w in w4)
+    assert 0.45 < zero_share <= 0.5 + 1e-6, zero_share
+
+
+def test_2to4_groups_run_along_input_channels():
+    w = torch.tensor([1.0, -4.0, 3.0, 0.5, 2.0, 0.1, -0.2, 5.0]).view(1, 8, 1, 1).repeat(2, 1, 3, 3)
+    m = mask_2to4(w)
+    assert m[0, :, 0, 0].tolist() == [False, True, True, False, True, False, False, True]
+    assert m.sum() == w.numel() // 2 and is_2to4(w * m) and not is_2to4(w)
+    bad = torch.ones(1, 8, 1, 1)
+    bad[0, :2] = 0  # zeros along the input channels of the first group only
+    assert not is_2to4(bad)
+
+
+def test_unstructured_masks(teacher_path):
+    from act.compress import load_frozen
+
+    model, _, _ = load_frozen("yolo11n-pose")
+    masks = SparsityMasks.compute(model, "unstructured", ratio=0.7, scope="global", ignore=["*.dfl"])
+    masks.apply(model)
+    assert masks.stats()["sparsity"] == pytest.approx(0.7, abs=0.01)
+    again = SparsityMasks.from_zeros(model, "unstructured", ignore=["*.dfl"])
+    assert again.stats()["sparsity"] == pytest.approx(0.7, abs=0.01)
+
+
+@pytest.mark.parametrize("stages, msg", [
+    ([{"type": "prune", "targt": 0.5}], "stages.0.prune.targt: unknown key"),
+    ([{"type": "prune", "target": 1.5}], "stages.0.prune.target"),
+    ([{"type": "prune", "train": {"lr": "fast"}}], "stages.0.prune.train.lr"),
+    ([{"type": "quant"}, {"type": "prune"}], "quant stage must be the last"),
+    ([{"type": "sparsity", "pattern": "4:8"}], "stages.0.sparsity.pattern"),
+])
+def test_stage_config_errors_name_the_key(stages, msg, tmp_path):
+    with pytest.raises(ConfigError, match=msg.replace("(", "\\(")):
+        AutoCompression(tiny_config(tmp_path, stages=stages))
