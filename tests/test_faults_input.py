@@ -167,7 +167,10 @@ def fuzz_env(tmp_path, monkeypatch):
     def stop(self):
         raise _Valid
 
+    from act.ptq import PostTrainingQuantization
+
     monkeypatch.setattr(AutoCompression, "setup", stop)
+    monkeypatch.setattr(PostTrainingQuantization, "setup", stop)  # strategy auto / ptq start with a PTQ setup
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
