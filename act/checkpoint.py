@@ -7,8 +7,6 @@ the training state (iteration, optimizer, scheduler, RNG, best metric, config as
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from act.errors import ActError
+from act.fileio import atomic_torch_save
 
 
 def _clean_copy(model: nn.Module) -> nn.Module:
@@ -33,33 +32,9 @@ def _clean_copy(model: nn.Module) -> nn.Module:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash at any moment leaves
-    either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise ActError(f"could not write checkpoint {path}: {e.strerror or e} (the previous file is intact)") from e
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    either the old file or the new one, never half of one (act.fileio). A failed write raises ResourceError naming
+    the path; the previous checkpoint is intact."""
+    atomic_torch_save(obj, path, what="checkpoint")
 
 
 def make_checkpoint(student: nn.Module, state: Dict[str, Any], train_args: Optional[Dict] = None) -> Dict[str, Any]:

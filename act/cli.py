@@ -20,12 +20,12 @@ def _compress(args) -> int:
         devices = parse_devices(args.devices)
         if len(devices) > 1:  # one process per device, through torchrun
             child = ["compress", "--config", args.config] + (["--resume"] if args.resume else []) + (
-                ["--exist-ok"] if args.exist_ok else []) + list(args.overrides)
+                ["--exist-ok"] if args.exist_ok else []) + (["--force"] if args.force else []) + list(args.overrides)
             return launch(devices, child)
         args.overrides = list(args.overrides) + [
             "train.device=" + ("cpu" if devices[0] == "cpu" else f"cuda:{devices[0]}")]
     runner = AutoCompression(args.config, overrides=args.overrides)
-    runner.run(resume=args.resume, exist_ok=args.exist_ok)
+    runner.run(resume=args.resume, exist_ok=args.exist_ok, force=args.force)
     return 0
 
 
@@ -33,6 +33,21 @@ def _ptq(args) -> int:
     from act.ptq import PostTrainingQuantization
 
     PostTrainingQuantization(args.config, overrides=args.overrides).run(exist_ok=args.exist_ok)
+    return 0
+
+
+def _analyze(args) -> int:
+    from act.analyze import Analysis
+
+    Analysis(args.config, overrides=args.overrides).run()
+    return 0
+
+
+def _report(args) -> int:
+    from act.report import write_report_from_dir
+
+    paths = write_report_from_dir(args.run_dir)
+    print(f"act: wrote {paths['md']} and {paths['html']}")
     return 0
 
 
@@ -72,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="run config YAML (see configs/)")
     c.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
     c.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another run")
+    c.add_argument("--force", action="store_true", help="with --resume: continue even if the config differs from "
+                                                        "the run's (the differences are shown)")
     c.add_argument("--devices", help="data-parallel over these devices, one process each through torchrun: GPU "
                                      "indices '0,1', or 'cpu,cpu' for CPU processes (gloo); data.batch_size is per "
                                      "device (docs/scale.md)")
@@ -83,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exist-ok", action="store_true", help="overwrite an output_dir that holds another PTQ run")
     q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ptq.calibrator=entropy ptq.num_images=512")
     q.set_defaults(func=_ptq)
+
+    a = sub.add_parser("analyze", help="per-layer quantization sensitivity (label-free) -> sensitivity.md/.json/.png")
+    a.add_argument("--config", required=True, help="run config YAML; its analyze and ptq sections apply")
+    a.add_argument("overrides", nargs="*", help="key=value overrides, e.g. analyze.images=32 analyze.layers=[model.23.*]")
+    a.set_defaults(func=_analyze)
+
+    r = sub.add_parser("report", help="(re)write report.md / report.html of a finished run directory")
+    r.add_argument("run_dir", help="a run's output_dir (with summary.json)")
+    r.set_defaults(func=_report)
 
     e = sub.add_parser("eval", help="evaluate teachers, act checkpoints and exported models with one metric code")
     e.add_argument("models", nargs="+", metavar="MODEL",
@@ -124,17 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from act.errors import ActError
+    from act.errors import ActError, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"act: {e}", file=sys.stderr)
+        return e.exit_code
     except ActError as e:
         print(f"act: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("act: interrupted", file=sys.stderr)
+        print("act: interrupted (the last complete checkpoint, if any, is intact; resume with --resume)",
+              file=sys.stderr)
         return 130
+    except OSError as e:  # an environment problem outside act's own writes (e.g. TensorBoard's event file)
+        from act.fileio import describe_os_error
+
+        print(f"act: error: {describe_os_error(e, e.filename or 'a file')}", file=sys.stderr)
+        return 5
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            print(f"act: error: CUDA out of memory ({str(e).splitlines()[0]}); try a smaller data.batch_size or "
+                  f"eval.batch_size", file=sys.stderr)
+            return 5
+        raise
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -31,12 +32,17 @@ from act.data import (InfiniteLoader, as_model_input, build_loader, iterations_f
 from act import dist as D
 from act.pipeline import build_train_loader, set_position
 from act.distill import DistillLoss, FeatureCapture, find_nodes
-from act.errors import ActError, ConfigError
+from act.errors import ActError, ConfigError, DataError, Interrupted, ResourceError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
 from act.export import export_onnx, lint_after_export, parity, qdq_summary
 from act.fidelity import FidelityEvaluator
+from act.fileio import atomic_write_text, check_writable, remove_stale_temps
 from act.monitor import RunLogger
 from act.quant.calib import get_ranges, set_ranges
+from act.quant.health import collapsed_quantizers, format_report
+from act.recovery import NanGuard, grads_finite
+from act.resume import RUN_MARKERS, check_new_run, check_resume, check_resume_config
+from act.signals import StopSignals
 from teachers import family_for, resolve_teacher
 
 
@@ -129,6 +135,12 @@ class AutoCompression:
                 torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.train.seed)
+        if cfg.quant.enabled and cfg.quant.skip == "auto":
+            from act.analyze import resolve_auto_skip
+
+            resolve_auto_skip(self)  # the chosen layer names replace 'auto' in self.cfg (and config.yaml)
+            cfg = self.cfg
+            seed_everything(cfg.train.seed)
         self.teacher, self.family, self.source = load_teacher(cfg)
         self.task = self.family.task(self.teacher)
         self.student = self.build_student()
@@ -281,17 +293,62 @@ class AutoCompression:
     # ------------------------------------------------------------------------------------------------------------
     def _batches(self):
         src = InfiniteLoader(self.loader) if isinstance(self.loader, torch.utils.data.DataLoader) else self.loader
+        empty = 0  # batches in a row without a usable image
+        n_pool = len(getattr(self.loader, "dataset", [])) or 0
+        limit = (n_pool // max(1, self.cfg.data.batch_size) + 1) if n_pool else 1000
         while True:
             for batch in src:
                 self.samples_seen += self.global_batch
                 images, bad = _images_of(batch)
                 if bad:
-                    self.bad_images.extend(bad)
+                    self._note_skipped(bad)
                 if images is None or len(images) == 0:
+                    empty += 1
+                    if empty > limit:
+                        self._inspect_all()
+                        raise DataError(f"none of the {n_pool or 'training'} images could be used (data.train: "
+                                        f"{self.cfg.data.train}); why each was skipped: "
+                                        f"{self.out / 'skipped_images.txt'}")
                     continue
+                empty = 0
                 yield images
             if isinstance(src, InfiniteLoader):
                 return
+
+    def _note_skipped(self, bad: List[str]) -> None:
+        """Record unusable images ("path\treason"), once each, in the run state and in skipped_images.txt."""
+        bad = [b if "\t" in b else f"{b}\t{getattr(b, 'reason', 'unreadable')}" for b in bad]
+        seen = getattr(self, "_bad_seen", None)
+        if seen is None:
+            seen = self._bad_seen = set(self.bad_images)
+        new = [b for b in bad if b not in seen]
+        if not new:
+            return
+        seen.update(new)
+        self.bad_images.extend(new)
+        for b in new[: max(0, 5 - (len(self.bad_images) - len(new)))]:
+            path, _, why = b.partition("\t")
+            print(f"act: skipping image {path}: {why or 'unreadable'}")
+        self.write_skipped()
+
+    def _inspect_all(self) -> None:
+        """Check every image of the pool (when none was usable) so that skipped_images.txt lists them all."""
+        from act.data import inspect_image
+
+        for p in getattr(getattr(self.loader, "dataset", None), "paths", []):
+            if not any(b.startswith(f"{p}\t") for b in self.bad_images):
+                im, why = inspect_image(p)
+                if im is None:
+                    self._note_skipped([f"{p}\t{why}"])  # (only when nothing at all was usable)
+
+    def write_skipped(self) -> Optional[Path]:
+        if not self.bad_images:
+            return None
+        path = self.out / "skipped_images.txt"
+        lines = [b if "\t" in b else f"{b}\t{getattr(b, 'reason', 'unreadable')}" for b in self.bad_images]
+        atomic_write_text(path, "# path<TAB>reason: images act could not use (skipped)\n" + "\n".join(lines) + "\n",
+                          what="list")
+        return path
 
     def calibrate(self, batches) -> None:
         """Initial activation ranges: from quant.init_from's checkpoint, else the moving average over calib_batches."""
@@ -329,6 +386,7 @@ class AutoCompression:
         if not self.evaluators:
             return {}
         t0 = time.time()
+        self._where = "eval"
         ctx = EvalContext(self.device, self.cfg.eval.imgsz or self.cfg.data.imgsz, iteration, self.out)
         was = model.training
         model.eval()
@@ -342,6 +400,7 @@ class AutoCompression:
         finally:
             model.train(was)
             self.eval_time += time.time() - t0
+            self._where = "training"
         if self.metric and self.metric not in results and model is not self.teacher:
             # (the teacher has no label-free fidelity against itself, so it may lack the metric)
             raise ConfigError(f"invalid config:\n  eval.metric: {self.metric!r} is not among the eval results "
@@ -363,6 +422,9 @@ class AutoCompression:
             "data_position": getattr(self, "samples_seen", 0),
         }
         if training_state:
+            st["data_images"] = len(getattr(self.loader, "dataset", []))
+            if getattr(self, "guard", None) is not None:
+                st["nan_guard"] = self.guard.state_dict()
             st.update({
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -386,8 +448,8 @@ class AutoCompression:
         atomic_save(make_checkpoint(self.student, state, train_args), path)
         return path
 
-    def resume_from(self, path: Path) -> int:
-        ckpt = load_checkpoint(path)
+    def resume_from(self, path: Path, ckpt: Optional[Dict[str, Any]] = None) -> int:
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
         st = ckpt["act"]
         self.student.load_state_dict(ckpt["model"].state_dict())
         self.student.to(self.device)
@@ -408,6 +470,14 @@ class AutoCompression:
         self.samples_seen = int(st.get("data_position", 0))
         if isinstance(self.loader, torch.utils.data.DataLoader) and hasattr(self.loader.sampler, "start"):
             set_position(self.loader, self.samples_seen, self.cfg.train.seed, self.dist.rank)
+        n_now = len(getattr(self.loader, "dataset", []))
+        if st.get("data_images") and n_now and st["data_images"] != n_now and self.dist.is_main:
+            print(f"act: warning: the image pool changed since the run started ({st['data_images']} -> {n_now} "
+                  f"images); the data order differs from the interrupted run's")
+        if st.get("nan_guard") and getattr(self, "guard", None) is not None:
+            self.guard.load_state_dict(st["nan_guard"])
+            self.nonfinite_steps = self.guard.skipped
+        self._bad_seen = set(self.bad_images)
         return int(st["iteration"])
 
     # ------------------------------------------------------------------------------------------------------------
@@ -433,17 +503,25 @@ class AutoCompression:
         if self.sync_free:
             return self._step_sync_free(loss, per_node)
         if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-            return {"loss": float("nan")}
+            return self._skip_step("loss")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+            finite = bool(torch.isfinite(norm))
+        else:
+            finite = grads_finite(self.student.parameters())
+        if not finite:
+            return self._skip_step("gradient")
+        self._updating = True  # an interruption from here on leaves a half-updated state: never saved
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self._updating = False
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.good_step()
         out = {"loss": float(loss.detach())}
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
@@ -463,34 +541,86 @@ class AutoCompression:
         loss = loss.detach()
         bad = (~torch.isfinite(loss)).int()
         self._nonfinite_dev = bad if getattr(self, "_nonfinite_dev", None) is None else self._nonfinite_dev + bad
+        # non-finite steps in a row, on the device (train.nan_policy reads it at log steps: no sync per step)
+        consec = getattr(self, "_consec_dev", None)
+        self._consec_dev = bad if consec is None else (consec + bad) * bad
         out: Dict[str, Any] = {"loss": loss}
         out.update({f"node/{k}": v for k, v in per_node.items()})
         return out
 
-    def _read_nonfinite(self) -> None:
+    def _read_nonfinite(self, iteration: Optional[int] = None) -> None:
         dev = getattr(self, "_nonfinite_dev", None)
         if dev is not None:
-            self.nonfinite_steps += int(D.all_reduce_max(dev.clone()) if self.dist.enabled else dev)
+            both = torch.stack([dev, getattr(self, "_consec_dev", None) if getattr(self, "_consec_dev", None) is not None
+                                else torch.zeros_like(dev)])
+            new, consec = (int(v) for v in (D.all_reduce_max(both.clone()) if self.dist.enabled else both).tolist())
+            self.nonfinite_steps += new
             self._nonfinite_dev = None
+            guard = getattr(self, "guard", None)
+            if guard is not None and new and iteration is not None:
+                msg = guard.observe(new, consec, iteration)  # may restore (or raise DivergedError)
+                if guard.consecutive == 0:
+                    self._consec_dev = None
+                if msg and self.dist.is_main:
+                    print(f"act: warning: {msg}")
 
-    def _prepare_output(self, resume: bool, exist_ok: bool, marker_name: str = "last.pt") -> None:
-        marker = self.out / marker_name
-        if not resume and marker.exists() and not exist_ok:
-            how = "Resume it with --resume, or pass" if marker_name == "last.pt" else "Pass"
-            raise ActError(f"output_dir {self.out} already holds a run ({marker_name}). {how} --exist-ok to overwrite, "
-                           f"or set output_dir=...")
+    def _skip_step(self, what: str) -> Dict[str, float]:
+        """A step with a non-finite loss or gradient: nothing is applied (train.nan_policy, act.recovery)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            msg = guard.bad_step(getattr(self, "_iteration", 0) + 1, what)  # raises DivergedError past the limits
+            self.nonfinite_steps = guard.skipped
+            if msg:
+                print(f"act: warning: {msg}")
+        return {"loss": float("nan"), "skipped": 1.0}
+
+    def _prepare_output(self, resume: bool, exist_ok: bool, marker_name: str = "last.pt",
+                        force: bool = False) -> None:
+        """Output folder rules (act.resume): refuse another run's folder unless exist_ok; on resume, check last.pt
+        and that the config is the run's own unless force. Then write config.yaml."""
+        self._resume_ckpt = None
+        force = force or getattr(self, "force", False)
+        if resume and marker_name == "last.pt":
+            self._resume_ckpt = check_resume(self.out, self.cfg.dump(), force)
+        elif resume:  # (a staged run: its stages' folders hold the last.pt files; compare with its config.yaml)
+            check_resume_config(self.out, self.cfg.dump(), force)
+        else:
+            check_new_run(self.out, exist_ok, RUN_MARKERS if marker_name == "last.pt" else (marker_name,))
         if not self._dist().is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.dump(), sort_keys=False))
+        check_writable(self.out)
+        remove_stale_temps(self.out)
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False), what="config")
 
-    def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+    def resume_command(self) -> str:
+        import shlex
+
+        return f"act compress --config {shlex.quote(str(self.out / 'config.yaml'))} --resume"
+
+    def _oom_error(self, e: BaseException, where: str) -> ResourceError:
+        bs = self.cfg.eval.batch_size if where == "eval" else self.cfg.data.batch_size
+        key = "eval.batch_size" if where == "eval" else "data.batch_size"
+        half = max(1, bs // 2)
+        how = (f"Try {key}={half}" if bs > 1 else f"Try a smaller data.imgsz (now {self.cfg.data.imgsz})")
+        return ResourceError(
+            f"CUDA out of memory during {where} at {key}={bs}, imgsz {self.cfg.data.imgsz} on {self.device}. {how}; "
+            f"continue from the last checkpoint with: {self.resume_command()} --force {key}={half}")
+
+    def run(self, resume: bool = False, exist_ok: bool = False, force: bool = False) -> Dict[str, Any]:
         if self.cfg.stages:
             from act.stages import run_stages
 
+            self.force = force
             return run_stages(self, resume=resume, exist_ok=exist_ok)
+        if self.cfg.strategy != "qat":  # auto (PTQ probe, QAT if needed) or ptq: act.strategy runs it
+            from act.strategy import run_strategy
+
+            return run_strategy(self.cfg, resume=resume, exist_ok=exist_ok)
+        self.resuming = resume
         t0 = time.time()
-        self._prepare_output(resume, exist_ok)
+        self._prepare_output(resume, exist_ok, force=force)
         try:
             return self._run(resume, t0)
         finally:
@@ -508,28 +638,43 @@ class AutoCompression:
         self.nonfinite_steps = 0
         self.loss_history: List[float] = []  # loss of every step of this process (for scripts and tests)
         self.calibrate_time = 0.0
+        self.guard = NanGuard(self.cfg.train.nan_policy, self)
+        self._updating = False
+        self._in_step = False
+        self._iteration = 0
+        self._collapsed: Dict[str, str] = {}
         log = self.logger = RunLogger(self.log_dir(), enabled=main)
         start = 0
         batches = self._batches()
         before: Dict[str, Dict[str, float]] = {}
-        if resume:
-            start = self.resume_from(self.out / "last.pt")
-            if main:
-                print(f"act: resuming {self.out} at iteration {start}/{self.total_iters}")
-            before = self.history[0].get("before", {}) if self.history else {}
-        else:
-            t_cal = time.time()
-            self.calibrate(batches)
-            self.calibrate_time = time.time() - t_cal
-            if self.cfg.eval.before and self.evaluators and main:
-                before["teacher"] = self.evaluate(self.teacher, 0)
-                before["student_init"] = self.evaluate(self.student, 0)
-                log.scalars("eval_before/teacher", before["teacher"], 0)
-                log.scalars("eval_before/student", before["student_init"], 0)
-                head = f"act: teacher {_fmt(before['teacher'])} | " if before["teacher"] else "act: "
-                print(f"{head}student before training {_fmt(before['student_init'])}")
-            self.history.append({"iteration": 0, "before": before})
-            self.dist.barrier()
+        stop = StopSignals()
+        stop.__enter__()
+        try:
+            if resume:
+                start = self.resume_from(self.out / "last.pt", self._resume_ckpt)
+                self._resume_ckpt = None
+                if main:
+                    print(f"act: resuming {self.out} at iteration {start}/{self.total_iters}")
+                before = self.history[0].get("before", {}) if self.history else {}
+            else:
+                t_cal = time.time()
+                self.calibrate(batches)
+                self.calibrate_time = time.time() - t_cal
+                if getattr(self, "known_before", None):
+                    before = dict(self.known_before)  # measured by an earlier stage (act.strategy)
+                elif self.cfg.eval.before and self.evaluators and main:
+                    before["teacher"] = self.evaluate(self.teacher, 0)
+                    before["student_init"] = self.evaluate(self.student, 0)
+                    log.scalars("eval_before/teacher", before["teacher"], 0)
+                    log.scalars("eval_before/student", before["student_init"], 0)
+                    head = f"act: teacher {_fmt(before['teacher'])} | " if before["teacher"] else "act: "
+                    print(f"{head}student before training {_fmt(before['student_init'])}")
+                self.history.append({"iteration": 0, "before": before})
+                self.dist.barrier()
+            self.guard.snapshot(start)
+        except BaseException:
+            stop.__exit__(None, None, None)
+            raise
 
         self.student.train()
         bar = tqdm(total=self.total_iters, initial=start, desc="act compress", unit="it", dynamic_ncols=True,
@@ -539,14 +684,22 @@ class AutoCompression:
         step_time, step_images, data_wait = 0.0, 0, 0.0
         # per-step losses stay on the device (read at the end): no host sync inside a step
         losses = torch.full((max(0, self.total_iters - start),), float("nan"), device=self.device)
-        interrupted = False
+        interrupted = None  # why the loop stopped early: a signal name, or an exception
         try:
             while it < self.total_iters:
+                if self._should_stop(stop, it, start):
+                    interrupted = stop.name or "SIGTERM"
+                    break
                 self.before_iteration(it, batches)
                 t_step = time.time()
                 images = next(batches)
                 data_wait += time.time() - t_step
+                self._iteration = it
+                if not self.sync_free:
+                    self.guard.before_step()
+                self._in_step = True
                 stats = self.train_step(images)
+                self._in_step = False
                 losses[it - start] = stats["loss"]
                 it += 1
                 is_last = it == self.total_iters
@@ -555,15 +708,18 @@ class AutoCompression:
                 bar.update(1)
                 if it % self.cfg.train.log_every == 0 or is_last:
                     stats = self.dist.mean(stats, self.device)  # (a device sync: log steps only)
-                    self._read_nonfinite()
+                    self._read_nonfinite(it)
                     dt = max(time.time() - t_last, 1e-9)
                     ips = seen / dt
                     seen, t_last = 0, time.time()
                     bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}")
                     log.train(stats, self.optimizer, it, ips)
                     log.quantizers(self.student, it)
+                    if main:
+                        self.check_quantizers(log, it, bar.write)
                 step_time += time.time() - t_step
                 if self.eval_on and (it % self.cfg.eval.every == 0 or is_last):
+                    reached = False
                     if main:
                         res = self.evaluate(self.student, it)
                         log.scalars("eval", res, it)
@@ -573,19 +729,33 @@ class AutoCompression:
                                             or res[self.metric] > self.best_metric):
                             self.best_metric, self.best_iteration = res[self.metric], it
                             self.save("best.pt", it, training_state=False)
+                        reached = self.early_stop(res, it)
                     self.dist.barrier()
+                    if self.dist.enabled:  # every rank stops where the main one decided to
+                        reached = bool(D.all_reduce_max(torch.tensor(int(reached), device=self.device)))
+                    if reached:
+                        if self.sync_free:
+                            self._read_nonfinite(it)
+                        self.save("last.pt", it)
+                        break
                 if it % self.cfg.train.checkpoint_every == 0 or is_last:
+                    if self.sync_free:
+                        self._read_nonfinite(it)  # (snapshot only a state known to be good)
                     self.save("last.pt", it)
+                    self.guard.snapshot(it)
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = "SIGINT"
+        except torch.cuda.OutOfMemoryError as e:
+            interrupted = e
+        except ActError:
+            log.close()
+            raise
         finally:
+            stop.__exit__(None, None, None)
             bar.close()
         self.loss_history = losses[: it - start].tolist()
-        if interrupted:
-            self.save("last.pt", it)
-            log.close()
-            raise ActError(f"interrupted at iteration {it}; last.pt saved. Resume with: act compress --config "
-                           f"{self.out / 'config.yaml'} --resume", ) from None
+        if interrupted is not None:
+            self._stop_early(interrupted, it, log)
         D.dump_state(self.student, self.dist.rank, {"loss_history": self.loss_history, "iterations": it})
         if not self.metric:
             self.best_iteration = it
@@ -599,6 +769,7 @@ class AutoCompression:
                       "ranks": self.dist.world_size, "global_batch": self.global_batch},
             "quant_init": ({"from": self.cfg.quant.init_from} if self.cfg.quant.init_from
                            else {"ema_batches": self.cfg.quant.calib_batches}),
+            "nan_policy": self.guard.state_dict(),
         }
         if not main:  # rank 0 exports and writes the summary
             log.close()
@@ -609,6 +780,58 @@ class AutoCompression:
         self.dist.barrier()
         return summary
 
+    def early_stop(self, results: Dict[str, float], iteration: int) -> bool:
+        """Stop training after this eval? (act.strategy sets a target; a plain run trains all its iterations.)"""
+        return False
+
+    def _stop_early(self, why, it: int, log) -> None:
+        """Save what the interrupted loop completed (unless it stopped inside an optimizer update) and raise."""
+        saved = False
+        # a step cut short inside the optimizer update (or anywhere in a device-side step) is never saved
+        if not (self._updating or (self._in_step and self.sync_free)):
+            if self._in_step:
+                self.guard._undo_buffers()  # a forward pass cut short may have moved the quantizer ranges
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                if isinstance(why, BaseException) and self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.save("last.pt", it)
+                saved = True
+            except ActError as e:
+                print(f"act: error: {e}", file=sys.stderr)
+        log.close()
+        last = self.out / "last.pt"
+        state = (f"last.pt saved at iteration {it}/{self.total_iters}" if saved else
+                 f"the last complete checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
+        if isinstance(why, BaseException):
+            raise self._oom_error(why, getattr(self, "_where", "training")) from None
+        code = 143 if why == "SIGTERM" else 130
+        raise Interrupted(f"stopped by {why} at iteration {it}/{self.total_iters}; {state}. Resume with:\n"
+                          f"  {self.resume_command()}", exit_code=code)
+
+    def _should_stop(self, stop: StopSignals, it: int, start: int) -> bool:
+        """A stop signal was received (by any rank: under DDP the ranks agree at log steps, so they stop together)."""
+        if not self.dist.enabled:
+            return stop.requested
+        if it == start or it % self.cfg.train.log_every:
+            return False
+        flag = torch.tensor(float(stop.requested), device=self.device)
+        return bool(D.all_reduce_max(flag) > 0)
+
+    def check_quantizers(self, log, it: int, write=print) -> Dict[str, str]:
+        """Warn (once per quantizer) about collapsed ranges; log their count to TensorBoard."""
+        if not self.cfg.quant.enabled:
+            return {}
+        bad = collapsed_quantizers(self.student)
+        new = {k: v for k, v in bad.items() if k not in self._collapsed}
+        self._collapsed = bad
+        if log.writer is not None:
+            log.writer.add_scalar("quant/collapsed", len(bad), it)
+        if new:
+            write("\n".join([f"act: warning: {len(new)} quantizer range(s) collapsed at iteration {it}:"]
+                            + format_report(new)))
+        return bad
+
     def finish(self, log, before, it: int, train_time: float, checkpoint: str = "best.pt",
                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Summary, Q/DQ ONNX export of `checkpoint` and its parity check; writes summary.json."""
@@ -616,6 +839,7 @@ class AutoCompression:
         best = load_checkpoint(self.out / checkpoint)
         best_student = best["model"].to(self.device)
         after = self.history[-1].get("eval", {}) if len(self.history) > 1 else {}
+        bad_q = collapsed_quantizers(best_student) if cfg.quant.enabled else {}
         best_eval = next((h["eval"] for h in self.history if h.get("iteration") == self.best_iteration and "eval" in h),
                          after)
         summary: Dict[str, Any] = {
@@ -629,7 +853,10 @@ class AutoCompression:
             "nodes": [n.name for n in self.nodes],
             "quantized_layers": len(Q.quantized_modules(self.student)),
             "bad_images": len(self.bad_images),
+            "skipped_images": {"count": len(self.bad_images),
+                               "file": str(self.write_skipped()) if self.bad_images else None},
             "nonfinite_steps": self.nonfinite_steps,
+            "quant_health": {"collapsed": len(bad_q), "quantizers": bad_q} if cfg.quant.enabled else None,
             "settings": cfg.dump(),
         }
         if getattr(self.student, "act_placement", None):
@@ -637,13 +864,20 @@ class AutoCompression:
         if self.fidelity_paths:
             summary["fidelity_images"] = {"count": len(self.fidelity_paths), "held_out": self.fidelity_held_out,
                                           "first": str(self.fidelity_paths[0])}
+        if getattr(self, "auto_skip", None):
+            summary["auto_skip"] = self.auto_skip
+        if getattr(self, "decisions", None):
+            summary["decisions"] = self.decisions
         for k, v in (extra or {}).items():
             if isinstance(v, dict) and isinstance(summary.get(k), dict):
                 summary[k].update(v)
             else:
                 summary[k] = v
         if self.bad_images:
-            (self.out / "bad_images.txt").write_text("\n".join(self.bad_images) + "\n")
+            print(f"act: skipped {len(self.bad_images)} unusable image(s); list in {self.out / 'skipped_images.txt'}")
+        if bad_q:
+            print("\n".join([f"act: warning: {len(bad_q)} quantizer range(s) of the exported student collapsed:"]
+                            + format_report(bad_q)))
         if cfg.export.onnx:
             t1 = time.time()
             onnx_path = export_onnx(best_student, self.out / "student.onnx", self.family, cfg.data.imgsz,
@@ -664,6 +898,10 @@ class AutoCompression:
             self._write_summary(summary)
             if not par["passed"]:
                 parity(best_student, onnx_path, self.family, images, cfg.export.parity_tolerance)  # raises
+        if cfg.report.enabled:
+            from act.report import write_report
+
+            summary["report"] = write_report(self.out, summary, runner=self, log=log, student=best_student)
         self._write_summary(summary)
         print(f"act: done. best {self.metric or 'checkpoint'}: {self.best_metric} at iteration {self.best_iteration}")
         print(f"act: outputs in {self.out}  (ONNX: {self.out / 'student.onnx'}; "
@@ -679,9 +917,7 @@ class AutoCompression:
             return torch.rand(n, 3, self.cfg.data.imgsz, self.cfg.data.imgsz)
 
     def _write_summary(self, summary):
-        tmp = self.out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, self.out / "summary.json")
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, default=str), what="summary")
 
 
 def _fmt(d: Dict[str, float]) -> str:

@@ -7,6 +7,7 @@ overrides, validates, and raises `ConfigError` naming the key path and what was 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
@@ -15,7 +16,7 @@ from typing_extensions import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from act.errors import ConfigError
+from act.errors import ConfigError, ModelError
 
 
 class _Section(BaseModel):
@@ -140,6 +141,85 @@ class ActivationQuantConfig(_Section):
     alpha_weight_decay: float = Field(0.0, ge=0)
 
 
+class TargetConfig(_Section):
+    """When a student is good enough: `metric` >= `min` and/or `metric` >= (the teacher's value - `max_drop`).
+    metric 'auto': fidelity_pose_map50_95 for pose, fidelity_box_map50_95 for detect (label-free; the teacher's own
+    value is 1.0). Any key of the run's eval results works (e.g. pose_map50_95 with eval.data)."""
+
+    metric: str = "auto"
+    min: Optional[float] = Field(None, description="absolute: the metric must reach this")
+    max_drop: Optional[float] = Field(None, ge=0, description="relative: at most this below the teacher's value")
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if self.min is None and self.max_drop is None:
+            raise ValueError("give min (absolute) and/or max_drop (below the teacher)")
+        return self
+
+
+class AutoSkipConfig(_Section):
+    """Budget of `quant.skip: auto`: keep in float the layers whose float copy gains the most (sensitivity ranking),
+    at most `max_layers` of them; with a `target`, only as many as needed to reach it (measured on the analysis
+    images with every chosen layer in float at once)."""
+
+    max_layers: int = Field(3, ge=0, description="at most this many layers stay in float")
+    target: Optional[TargetConfig] = Field(None, description="stop adding layers once the student reaches this; "
+                                                             "metric e.g. fidelity_snr_db_mean, fidelity_pose_map50_95")
+    min_gain: float = Field(0.0, description="only layers whose float copy gains more than this (ranking score)")
+
+
+class AnalyzeConfig(_Section):
+    """`act analyze` (and `quant.skip: auto`): per-layer quantization sensitivity, label-free."""
+
+    images: int = Field(16, ge=1, description="held-out images the errors are measured on (the fidelity slice)")
+    calib_images: Optional[int] = Field(None, ge=1, description="calibration images; default ptq.num_images")
+    layers: List[str] = Field(default_factory=list, description="only these quantized layers (globs / 're:'); "
+                                                                 "default all")
+    rank_by: Literal["snr_db", "fidelity"] = Field(
+        "snr_db", description="snr_db: mean head SNR over the distillation nodes; fidelity: detection fidelity mAP")
+    fidelity_map: bool = Field(False, description="also score every layer's detections against the teacher's (COCO "
+                                                   "mAP; slower, and noisy on few images)")
+    map_top_k: int = Field(3, ge=0, description="with eval.data: labeled mAP of the top-k layers left in float")
+    batch_size: Optional[int] = Field(None, ge=1, description="default: eval.batch_size")
+
+
+class PTQCandidate(_Section):
+    calibrator: Literal["minmax", "percentile", "mse", "entropy"]
+    percentile: float = Field(99.99, gt=0, le=100)
+
+
+def _default_search() -> List[PTQCandidate]:
+    return [PTQCandidate(calibrator="percentile", percentile=99.99),
+            PTQCandidate(calibrator="percentile", percentile=99.999),
+            PTQCandidate(calibrator="mse"), PTQCandidate(calibrator="entropy")]
+
+
+class PruneTarget(_Section):
+    """A speed/size target that asks for a pruning stage."""
+
+    macs_ratio: Optional[float] = Field(None, gt=0, le=1, description="student MACs / teacher MACs at most")
+    params_ratio: Optional[float] = Field(None, gt=0, le=1, description="student params / teacher params at most")
+
+
+class AutoConfig(_Section):
+    """strategy: auto. A PTQ probe (calibrators in `search`, histograms collected once); if its best candidate meets
+    `target` the run stops there; else distillation QAT from that PTQ state, stopping early at an eval where
+    `qat_target` (default: `target`) is met."""
+
+    target: TargetConfig = Field(default_factory=lambda: TargetConfig(min=0.9), description="PTQ is enough when met")
+    qat_target: Optional[TargetConfig] = Field(None, description="QAT early stop; default: target")
+    search: List[PTQCandidate] = Field(default_factory=_default_search, min_length=1)
+    probe_images: Optional[int] = Field(None, ge=1, description="calibration images of the probe; default "
+                                                                "ptq.num_images")
+    prune: Optional[PruneTarget] = Field(None, description="speed/size target: adds a pruning stage")
+
+
+class ReportConfig(_Section):
+    enabled: bool = True
+    latency_runs: int = Field(20, ge=0, description="onnxruntime CPU batch-1 runs per model (median); 0: skip")
+    teacher_onnx: bool = Field(True, description="export the teacher to ONNX for its size and latency")
+
+
 class PlacementConfig(_Section):
     """Where quantizers go besides every conv input and weight, and which share one scale (act.quant.placement)."""
 
@@ -159,7 +239,10 @@ class QuantConfig(_Section):
     enabled: bool = True
     weight: WeightQuantConfig = Field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig)
-    skip: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept in float")
+    skip: Union[Literal["auto"], List[str]] = Field(
+        default_factory=list, description="module-name globs (or 're:' regexes) kept in float; 'auto': the most "
+                                          "sensitive layers by `act analyze`, within quant.auto_skip's budget")
+    auto_skip: AutoSkipConfig = Field(default_factory=AutoSkipConfig, description="budget of quant.skip: auto")
     calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages before training")
     init_from: Optional[str] = Field(
         None, description="an act checkpoint (e.g. an `act ptq` output's ptq.pt) whose calibrated activation ranges "
@@ -167,6 +250,17 @@ class QuantConfig(_Section):
     )
     quantize_linear: bool = True
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+
+
+class NanPolicyConfig(_Section):
+    """What to do when a step's loss or gradient is NaN/Inf (see docs/reliability.md): skip it; after
+    `max_consecutive` in a row restore the last good state and multiply the learning rates by `lr_factor`; stop
+    (exit 4, best.pt kept) when more than `max_restores` restores or `max_skipped` skipped steps would be needed."""
+
+    max_consecutive: int = Field(3, ge=1, description="skipped steps in a row that trigger a restore")
+    lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied at each restore")
+    max_restores: int = Field(3, ge=0, description="restores allowed before the run stops")
+    max_skipped: Optional[int] = Field(None, ge=0, description="skipped steps allowed in total (None: no limit)")
 
 
 class TrainConfig(_Section):
@@ -185,6 +279,7 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
     log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
     checkpoint_every: int = Field(100, ge=1)
+    nan_policy: NanPolicyConfig = Field(default_factory=NanPolicyConfig)
     # speed (docs/scale.md)
     teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
         None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
@@ -393,6 +488,11 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     ptq: PTQConfig = Field(default_factory=PTQConfig)
+    strategy: Literal["auto", "ptq", "qat"] = Field(
+        "auto", description="auto: PTQ probe, then QAT only if needed; ptq; qat: distillation QAT")
+    auto: AutoConfig = Field(default_factory=AutoConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     output_dir: str = "runs/act/exp"
     stages: Optional[List[Stage]] = Field(
         None, description="run these stages in order (e.g. prune then quant), each from the previous stage's best "
@@ -411,6 +511,13 @@ class RunConfig(_Section):
             types = [s.type for s in v]
             if "quant" in types and types.index("quant") != len(types) - 1:
                 raise ValueError("the quant stage must be the last stage (pruning and sparsity act on float weights)")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_dir(cls, v):
+        if not v.strip() or "\x00" in v:
+            raise ValueError("expected a folder path (not empty, no NUL characters)")
         return v
 
     def dump(self) -> Dict[str, Any]:
@@ -436,14 +543,41 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=200)")
         key, value = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(value) if value != "" else None)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid config:\n  {key.strip()}: the override value {value!r} is not valid YAML "
+                              f"({str(e).splitlines()[0]})") from None
+        _set_dotted(out, key.strip(), parsed)
     return out
 
 
+_UNION_TAG = re.compile(r"^(bool|int|float|str|bytes|none|(list|dict|tuple|set|literal|function-\w+|json-or-python|"
+                        r"lax-or-strict|constrained-\w+|nullable)\[.*\]|function-\w+)$")
+
+
+def _section_names() -> set:
+    out, todo = set(), [_Section]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.add(sub.__name__)
+            todo.append(sub)
+    return out
+
+
+def _key_path(loc) -> str:
+    """The dotted key path of a pydantic error location, without the union member tags pydantic puts in it (e.g.
+    data.augment.AugmentConfig.flip -> data.augment.flip)."""
+    sections = _section_names()
+    keep = [str(p) for i, p in enumerate(loc)
+            if not (i > 0 and isinstance(p, str) and (_UNION_TAG.match(p) or p in sections))]
+    return ".".join(keep) or "<root>"
+
+
 def format_validation_error(err: ValidationError) -> str:
-    lines = []
+    merged: Dict[str, List[str]] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<root>"
+        path = _key_path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -451,7 +585,10 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "missing required key"
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{shown}")
+        item = f"{msg}{shown}"
+        if item not in merged.setdefault(path, []):
+            merged[path].append(item)
+    lines = [f"  {path}: " + "; or ".join(items) for path, items in merged.items()]
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -489,7 +626,10 @@ def check_paths(cfg: RunConfig) -> None:
     from act.data import resolve_source_exists
     from teachers import resolve_teacher
 
-    resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    try:
+        resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+    except ModelError as e:
+        raise ModelError(f"invalid config:\n  model.teacher: {e}") from None
     problem = resolve_source_exists(cfg.data.train)
     if problem:
         raise ConfigError(f"invalid config:\n  data.train: {problem}")

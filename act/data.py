@@ -2,8 +2,10 @@
 
 Sources: a folder (searched recursively), a .txt list of paths (relative to the list), an Ultralytics data yaml (its
 train split), or `pkg:PACKAGE/SUBFOLDER` for images shipped inside an installed package. Images are letterboxed
-exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be read
-is skipped and counted, never fatal.
+exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be used
+(zero-byte, truncated, corrupt, huge) is skipped, counted and listed with its reason, never fatal; grayscale, RGBA,
+palette and 16-bit images are converted (see `inspect_image`). Training batches come from act.pipeline (seeded,
+resumable).
 """
 
 from __future__ import annotations
@@ -101,17 +103,81 @@ def resolve_source_exists(spec: str) -> Optional[str]:
     return None
 
 
-def read_image(path: Path) -> Optional[np.ndarray]:
-    """BGR uint8 HxWx3, or None if unreadable. Gray, RGBA and 16-bit images are converted by OpenCV."""
+MAX_IMAGE_PIXELS = 100_000_000  # larger images (e.g. a 20000x20000 decompression bomb) are skipped, never decoded
+
+
+def _pil_open(path: Path):
+    """PIL's own Image.open: Ultralytics patches it to pip-install a HEIF plugin on any unidentified file."""
+    from PIL import Image
+
     try:
-        if path.stat().st_size == 0:
-            return None
+        from ultralytics.utils import patches
+
+        return getattr(patches, "_image_open", Image.open)(path)
+    except ImportError:
+        return Image.open(path)
+
+
+def _header_problem(path: Path) -> Optional[str]:
+    """A reason to skip `path` found without decoding it (size, dimensions in the header, JPEG end marker), or None.
+    Formats Pillow cannot identify are left to OpenCV."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_open(path) as im:
+                w, h = im.size
+                fmt = im.format
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely ({e})"
+    except UnidentifiedImageError:
+        return None
+    except Exception as e:  # a header that Pillow recognises but cannot parse
+        return f"corrupt header ({type(e).__name__}: {e})"
+    if w * h > MAX_IMAGE_PIXELS:
+        return f"too large to decode safely ({w}x{h} pixels > {MAX_IMAGE_PIXELS})"
+    if w < 2 or h < 2:
+        return f"too small ({w}x{h} pixels)"
+    if fmt in ("JPEG", "MPO"):
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 4096))
+            tail = f.read().rstrip(b"\x00\r\n\t ")
+        if b"\xff\xd9" not in tail:
+            return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+def inspect_image(path: Path) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """(BGR uint8 HxWx3, None), or (None, why it cannot be used).
+
+    Grayscale, RGBA, palette and 16-bit images that decode are converted to 8-bit BGR and used (OpenCV's
+    IMREAD_COLOR: gray is replicated, alpha dropped, 16-bit scaled to 8-bit). Zero-byte, truncated, corrupt,
+    undecodable and huge (more than MAX_IMAGE_PIXELS, checked from the header before decoding) images are refused.
+    """
+    path = Path(path)
+    try:
+        problem = _header_problem(path)
+        if problem:
+            return None, problem
         im = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    except Exception:
-        return None
-    if im is None or im.ndim != 3 or im.shape[0] < 2 or im.shape[1] < 2:
-        return None
-    return im
+    except Exception as e:
+        return None, f"cannot read ({type(e).__name__}: {e})"
+    if im is None:
+        return None, "cannot decode (corrupt or not an image)"
+    if im.ndim != 3 or im.shape[0] < 2 or im.shape[1] < 2:
+        return None, f"unusable shape {tuple(im.shape)}"
+    return im, None
+
+
+def read_image(path: Path) -> Optional[np.ndarray]:
+    """BGR uint8 HxWx3, or None if unusable (see `inspect_image`)."""
+    return inspect_image(path)[0]
 
 
 def letterbox(im: np.ndarray, imgsz: int) -> np.ndarray:
@@ -149,9 +215,24 @@ def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random) -> n
     return boxed[y:y + imgsz, x:x + imgsz]
 
 
+class SkippedImage(str):
+    """The path of an unusable image (a str, as before), carrying why it was skipped in `.reason`."""
+
+    def __new__(cls, path, reason: str = "unreadable"):
+        obj = super().__new__(cls, str(path))
+        obj.reason = reason
+        return obj
+
+    def __reduce__(self):  # (through loader worker processes)
+        return SkippedImage, (str(self), self.reason)
+
+
 class UnlabeledImages(Dataset):
-    """Letterboxed images as uint8 RGB CHW tensors (scaled to float on the device); an unreadable image yields
-    (None, path)."""
+    """Letterboxed images as uint8 RGB CHW tensors (scaled to float on the device); an unusable image yields
+    (None, SkippedImage(path, reason)).
+
+    An index may be an int, or an (index, epoch) pair from act.pipeline.StreamSampler: then the augmentation of that sample is
+    seeded by (seed, epoch, index) alone, so it is the same in any worker and after a resume."""
 
     def __init__(self, paths: Sequence[Path], imgsz: int, augment=None, cache: bool = False, seed: int = 0):
         self.paths = list(paths)
@@ -163,21 +244,28 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> Optional[np.ndarray]:
+    def load(self, i: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
         if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        im = read_image(self.paths[i])
+            got = self.cache[i]  # (act.pipeline's RAM cache holds decoded images, or None for unusable ones)
+            return got if isinstance(got, tuple) else (got, None if got is not None else "unreadable")
+        got = inspect_image(self.paths[i])
         if self.cache is not None:
-            self.cache[i] = im
-        return im
+            self.cache[i] = got
+        return got
 
-    def __getitem__(self, i: int) -> Tuple[Optional[torch.Tensor], str]:
-        im = self.load(i)
+    def __getitem__(self, i) -> Tuple[Optional[torch.Tensor], str]:
+        epoch = None
+        if isinstance(i, (tuple, list)):
+            i, epoch = i
+        im, why = self.load(i)
         if im is None:
-            return None, str(self.paths[i])
+            return None, SkippedImage(self.paths[i], why)
         if self.augment is None:
             return to_uint8(letterbox(im, self.imgsz)), str(self.paths[i])
-        rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seeded RNG (per worker)
+        if epoch is not None:
+            rng = random.Random(f"{self.seed}:{epoch}:{i}")  # a pure function of the sample: resumable, any worker
+        else:
+            rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seeded RNG (per worker)
         s = rng.uniform(*self.augment.scale)
         out = _scale_jitter(im, self.imgsz, s, rng)
         if rng.random() < self.augment.flip:
@@ -186,7 +274,7 @@ class UnlabeledImages(Dataset):
 
 
 def collate(batch):
-    """Stack the readable images; return the paths of unreadable ones alongside."""
+    """Stack the readable images; return the unusable ones alongside (SkippedImage: the path, with `.reason`)."""
     good = [t for t, _ in batch if t is not None]
     bad = [p for t, p in batch if t is None]
     images = torch.stack(good) if good else None

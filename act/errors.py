@@ -1,4 +1,9 @@
-"""User-facing errors: each carries the exit code the CLI returns and a message meant for a person, not a traceback."""
+"""User-facing errors: each carries the exit code the CLI returns and a message meant for a person, not a traceback.
+
+Exit codes: 1 other failure, 2 bad config or input (config, images, model), 3 export parity, 4 training diverged
+(non-finite loss/gradients past the limit), 5 out of a resource (disk full, read-only or unwritable output, CUDA out of
+memory), 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM. See docs/reliability.md.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +36,23 @@ class ParityError(ActError):
     """The exported ONNX does not reproduce the torch student within rounding."""
 
     exit_code = 3
+
+
+class DivergedError(ActError):
+    """Training kept producing non-finite losses or gradients past train.nan_policy's limits. best.pt is kept."""
+
+    exit_code = 4
+
+
+class ResourceError(ActError):
+    """Out of a resource: disk full, an unwritable output, CUDA out of memory. Earlier checkpoints are intact."""
+
+    exit_code = 5
+
+
+class Interrupted(ActError):
+    """Stopped by SIGINT (exit 130) or SIGTERM (exit 143) after writing last.pt."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -17,7 +17,8 @@ import onnx
 import torch
 from torch import nn
 
-from act.errors import ActError, ParityError
+from act.errors import ActError, ParityError, ResourceError
+from act.fileio import atomic_write_bytes, describe_os_error, os_error_in
 
 
 def _export_copy(student: nn.Module) -> nn.Module:
@@ -65,9 +66,16 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, str(v)
         onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(path))
+        atomic_write_bytes(path, proto.SerializeToString(), what="ONNX file")  # (a previous export stays intact)
     except onnx.checker.ValidationError as e:
         raise ActError(f"exported ONNX failed onnx.checker: {e}") from e
+    except ActError:
+        raise
+    except Exception as e:
+        os_err = os_error_in(e)
+        if os_err is None:
+            raise
+        raise ResourceError(describe_os_error(os_err, tmp, "write the ONNX export to")) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path

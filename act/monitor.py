@@ -1,7 +1,12 @@
-"""TensorBoard logging of a run: losses per node, learning rates, PACT alphas, activation ranges, metrics."""
+"""TensorBoard logging of a run: losses per node, learning rates, PACT alphas, activation ranges, metrics.
+
+Every scalar group also goes to `history.jsonl` next to the event files (one JSON line per call: kind, step,
+values), which `act.report` turns into loss and metric curves without parsing TensorBoard events."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Dict
 
@@ -17,16 +22,27 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(logdir))
+        self.history_path = Path(logdir) / "history.jsonl" if enabled else None
+
+    def record(self, kind: str, values: Dict[str, float], step: int) -> None:
+        if self.history_path is None:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in values.items()}
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": int(step), "values": clean}) + "\n")
 
     def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
         if self.writer is None:
             return
+        self.record(prefix, values, step)
         for k, v in values.items():
             self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def train(self, stats: Dict[str, float], optimizer, step: int, images_per_s: float) -> None:
         if self.writer is None:
             return
+        self.record("train", {**stats, "images_per_s": images_per_s}, step)
         self.writer.add_scalar("loss/total", stats["loss"], step)
         for k, v in stats.items():
             if k.startswith("node/"):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from act.data import UnlabeledImages, collate, read_image
 from act.errors import ConfigError
+from act.signals import worker_ignore_sigint
 
 
 def cpu_cores() -> int:
@@ -40,11 +41,17 @@ def resolve_workers(workers, world_size: int = 1) -> int:
 
 
 class StreamSampler(Sampler):
-    """Endless indices of rank `rank`'s slice of the global sample stream, from global sample `start`."""
+    """Endless indices of rank `rank`'s slice of the global sample stream, from global sample `start`.
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0):
+    with_epoch: yield (index, pass) pairs, so that act.data.UnlabeledImages seeds each sample's augmentation by
+    (seed, pass, index) alone: the same in any loader worker, on any rank, and after a resume (bit-identical on CPU).
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0,
+                 with_epoch: bool = False):
         self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
         self.start = start
+        self.with_epoch = with_epoch
 
     def _perm(self, epoch: int) -> torch.Tensor:
         g = torch.Generator()
@@ -61,7 +68,7 @@ class StreamSampler(Sampler):
                 e = i // self.n
                 if e != epoch:
                     epoch, perm = e, self._perm(e)
-                yield int(perm[i % self.n])
+                yield (int(perm[i % self.n]), e) if self.with_epoch else int(perm[i % self.n])
             k += 1
 
 
@@ -109,11 +116,12 @@ def build_train_loader(cfg, paths: Sequence[Path], seed: int = 0, rank: int = 0,
     if cfg.cache_ram:
         ds.cache = fill_ram_cache(paths, cfg.imgsz, aug.scale[1] if aug else 1.0, cfg.cache_max_gb)
     workers = resolve_workers(cfg.workers, world_size)
-    sampler = StreamSampler(len(ds), cfg.batch_size, rank, world_size, seed, start)
+    sampler = StreamSampler(len(ds), cfg.batch_size, rank, world_size, seed, start, with_epoch=True)
     g = torch.Generator()
     g.manual_seed(seed * 7919 + rank * 104729 + start)
     pin = cfg.pin_memory if cfg.pin_memory is not None else device_type == "cuda"
-    extra = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": cfg.persistent_workers} if workers else {}
+    extra = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": cfg.persistent_workers,
+             "worker_init_fn": worker_ignore_sigint} if workers else {}
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=pin and torch.cuda.is_available(), drop_last=False, generator=g, **extra)
     return loader

@@ -30,7 +30,7 @@ from act.checkpoint import load_checkpoint
 from act.compress import AutoCompression, _fmt
 from act.config import RunConfig, SparsityStage, validate_config
 from act.distill import FeatureCapture
-from act.errors import ActError, ConfigError
+from act.errors import ActError, ConfigError, Interrupted
 from act.latency import ort_latency
 from act.prune import StructuredPruner, accumulate_grads, model_cost
 from act.sparsity import SparsityMasks
@@ -214,8 +214,8 @@ class StageRun(AutoCompression):
             return self.out / name
         return super().save(name, iteration, training_state)
 
-    def resume_from(self, path: Path) -> int:
-        ckpt = load_checkpoint(path)
+    def resume_from(self, path: Path, ckpt: Optional[Dict[str, Any]] = None) -> int:
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
         st = ckpt["act"].get("stage", {})
         if self.stage.type == "prune":  # the checkpoint's architecture (pruned) replaces the freshly built student
             self.s_capture.remove()
@@ -229,7 +229,7 @@ class StageRun(AutoCompression):
             self.setup_optimizer()
         self.prune_steps_done = int(st.get("prune_steps_done", 0))
         self.prune_log = list(st.get("prune_log", []))
-        it = super().resume_from(path)
+        it = super().resume_from(path, ckpt)
         if self.sparsity_spec is not None:
             self.masks = SparsityMasks.from_zeros(self.student, self.sparsity_spec.pattern, self._mask_ignore())
         return it
@@ -318,6 +318,7 @@ def _run_stages(ac, cfg, out, dist, resume, exist_ok) -> Dict[str, Any]:
         runner = StageRun(stage_config(cfg, i, out), cfg.stages, i, prev, out / "tensorboard",
                           train_loader=ac.user_loader, eval_fn=ac.user_eval)
         runner.dist = dist
+        runner.force = getattr(ac, "force", False)  # (--force: a stage may resume with a changed config too)
         ac.stage_runs.append(runner)
         again = resume and (d / "last.pt").is_file()
         progress["current"] = stage.label
@@ -326,6 +327,9 @@ def _run_stages(ac, cfg, out, dist, resume, exist_ok) -> Dict[str, Any]:
             print(f"act: stage {i + 1}/{n}: {stage.label} ({stage.type})" + (" (resuming)" if again else ""))
         try:
             s = runner.run(resume=again, exist_ok=True)
+        except Interrupted as e:  # SIGINT/SIGTERM: the stage saved its last.pt; resume the whole staged run
+            raise Interrupted(f"{str(e).split('. Resume with')[0]} (stage {i + 1}/{n}, {stage.label}). Resume with:\n"
+                              f"  act compress --config {out / 'config.yaml'} --resume", exit_code=e.exit_code) from None
         except ActError as e:
             if str(e).startswith("interrupted"):
                 raise ActError(f"interrupted in stage {i + 1}/{n} ({stage.label}): {str(e).split(';')[0][12:]}; "

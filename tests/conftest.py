@@ -36,6 +36,7 @@ def tiny_config(out_dir, **sections):
         "quant": {"calib_batches": 2},
         "eval": {"before": False},
         "export": {"parity_images": 2},
+        "strategy": "qat",
         "output_dir": str(out_dir),
     }
     for k, v in sections.items():
@@ -49,3 +50,46 @@ def cli_env():
     env["YOLO_OFFLINE"] = "1"
     env["ACT_NO_PROGRESS"] = "1"
     return env
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's one-line account (tests/fault_registry.py), when any fault test ran."""
+    import fault_registry
+
+    for line in fault_registry.summary_lines():
+        terminalreporter.write_line(line)
+
+
+# ---- strategy auto runs shared by test_strategy.py and test_report.py (real teacher, coco-pose-mini, 160 px) ----
+DATA_YAML = REPO / "data" / "coco-pose-mini.yaml"
+
+
+def mini_config(out_dir, **sections):
+    """tiny_config on the coco-pose-mini pool (8 held-out fidelity images), strategy auto, a 2-calibrator probe."""
+    cfg = tiny_config(out_dir, data={"train": str(DATA_YAML), "batch_size": 4},
+                      train={"iterations": 4}, strategy="auto",
+                      eval={"fidelity": {"images": 8}, "batch_size": 8, "every": 2},
+                      ptq={"num_images": 8, "batch_size": 4, "bins": 512},
+                      auto={"search": [{"calibrator": "percentile", "percentile": 99.99}, {"calibrator": "mse"}]},
+                      analyze={"images": 4}, report={"latency_runs": 3})
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def auto_runs(tmp_path_factory):
+    """Two `strategy: auto` runs: 'loose' (target met by PTQ; quant.skip auto with a budget of 2 layers) and
+    'tight' (PTQ misses the target -> QAT, which stops early at its first eval where the looser QAT target holds)."""
+    if not (SHARED / "images" / "val").is_dir():
+        pytest.skip(f"coco-pose-mini not found at {SHARED}")
+    from act.strategy import run_strategy
+    from act.config import validate_config
+
+    base = tmp_path_factory.mktemp("auto")
+    loose = validate_config(mini_config(
+        base / "loose", auto={"target": {"min": 0.05}},
+        quant={"skip": "auto", "auto_skip": {"max_layers": 2}}, analyze={"layers": ["model.23.cv4.*"]}))
+    tight = validate_config(mini_config(
+        base / "tight", auto={"target": {"min": 0.999}, "qat_target": {"metric": "fidelity_box_map50_95", "min": 0.0}}))
+    return {"base": base, "loose": run_strategy(loose), "tight": run_strategy(tight)}

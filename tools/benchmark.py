@@ -152,7 +152,7 @@ class Bench:
         from act.compress import AutoCompression
 
         a = self.args
-        o = self.common("qat") + ["eval.metric=fidelity_pose_map50_95"]
+        o = self.common("qat") + ["eval.metric=fidelity_pose_map50_95", "strategy=qat"]
         if a.quick:
             o += ["train.iterations=3", "data.batch_size=2", "eval.every=3", "export.parity_images=2",
                   "train.log_every=1", "quant.calib_batches=2"]

@@ -58,6 +58,8 @@ def quantize(model: nn.Module, config=None, forward_loop: Optional[Callable[[nn.
     from act.config import QuantConfig
 
     cfg = config or QuantConfig()
+    if cfg.skip == "auto":
+        raise ValueError("quant.skip: 'auto' must be resolved to layer names first (act.analyze.resolve_auto_skip)")
     patterns = list(skip) + list(cfg.skip)
     act_cfg = cfg.activation
     alpha_init = None if act_cfg.alpha_init == "auto" else float(act_cfg.alpha_init)

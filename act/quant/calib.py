@@ -208,3 +208,42 @@ def get_ranges(model: nn.Module) -> Dict[str, float]:
     from act.quant import activation_quantizers
 
     return {n: float(q.range()) for n, q in activation_quantizers(model).items()}
+
+
+# ---- one pass of histograms, many calibrators (act.strategy's PTQ search) -----------------------------------------
+@torch.no_grad()
+def collect_histograms(model: nn.Module, forward_loop: Callable[[nn.Module], None], bins: int = 2048):
+    """Like calibrate_ranges, but returns the raw statistics ({name: abs-max}, {name: histogram}) so that any number
+    of calibrators can be applied with `ranges_from_histograms` without running the images again."""
+    from act.quant import activation_quantizers, set_quant_mode
+
+    quantizers = activation_quantizers(model)
+    if not quantizers:
+        raise ActError("the model has no activation quantizers to calibrate (was it quantized?)")
+    was_training = model.training
+    col = _Collector(quantizers, bins)
+    set_quant_mode(model, "off")
+    model.eval()
+    try:
+        forward_loop(model)
+        missing = sorted(set(quantizers) - set(col.absmax))
+        if missing:
+            raise ActError(f"calibration saw no input at {len(missing)} quantizers (e.g. {missing[0]}); did the "
+                           f"forward loop run any image?")
+        col.top = {n: float(v) for n, v in col.absmax.items()}
+        col.phase = "hist"
+        forward_loop(model)
+    finally:
+        col.remove()
+        set_quant_mode(model, "quant")
+        model.train(was_training)
+    return col.top, {n: h.cpu().numpy() for n, h in col.hist.items()}
+
+
+def ranges_from_histograms(top: Dict[str, float], hist: Dict[str, np.ndarray], method: str,
+                           percentile: float = 99.99) -> CalibrationResult:
+    if method not in CALIBRATORS:
+        raise ActError(f"unknown calibrator {method!r}; expected one of {', '.join(CALIBRATORS)}")
+    ranges = {n: (t if hist.get(n) is None else amax_from_histogram(hist[n], t, method, percentile))
+              for n, t in top.items()}
+    return CalibrationResult(ranges=ranges, absmax=dict(top), method=method)

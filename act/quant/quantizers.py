@@ -221,6 +221,8 @@ class ActivationQuantizer(nn.Module):
             batch_max = self.reduce_fn(batch_max)
         new = torch.where(self.initialized, self.ema_rate * self.running_absmax + (1 - self.ema_rate) * batch_max,
                           batch_max)
+        # a non-finite batch (a NaN/Inf step, skipped by train.nan_policy) never moves the range
+        new = torch.where(torch.isfinite(batch_max), new, self.running_absmax)
         self.running_absmax.copy_(new)
         self.initialized.fill_(True)
 

@@ -1,0 +1,294 @@
+"""`strategy: auto` (the default of `act compress`): the cheapest compression that meets the target.
+
+1. (`quant.skip: auto`) sensitivity analysis picks the layers that stay in float (act.analyze).
+2. PTQ probe: the activation histograms are collected once, then every calibrator of `auto.search` (e.g. percentile
+   99.99 / 99.999, mse, entropy) is applied and evaluated (label-free fidelity, and mAP with eval.data). The best by
+   the target metric (ties: head SNR) is kept.
+3. If it meets `auto.target`, the run stops: ptq.pt, the Q/DQ ONNX, summary, report (minutes).
+4. Otherwise distillation QAT starts from that PTQ state (quant.init_from) and stops early at the first eval where
+   `auto.qat_target` (default: `auto.target`) is met.
+5. A speed/size target (`auto.prune`) asks for a pruning stage: not wired into `auto` yet, so it is refused before
+   any work with a clear error (never silently ignored).
+
+Every decision is printed (`act: decision: ...`), kept in summary.json["decisions"] and shown in the report.
+`strategy: ptq` runs `act ptq`; `strategy: qat` runs distillation QAT (AutoCompression) only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from act.compress import AutoCompression, _fmt
+from act.config import RunConfig
+from act.data import as_model_input
+from act.errors import ConfigError
+from act.monitor import RunLogger
+from act.ptq import PostTrainingQuantization
+from act.quant.calib import collect_histograms, ranges_from_histograms, set_ranges
+from act.targets import check_target, target_metric
+
+PRUNE_MODULE = "act.prune"
+
+
+def pruning_available() -> bool:
+    try:
+        return importlib.util.find_spec(PRUNE_MODULE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _label(c) -> str:
+    return f"{c.calibrator} {c.percentile:g}" if c.calibrator == "percentile" else c.calibrator
+
+
+def _decide(decisions: List[Dict[str, Any]], stage: str, decision: str, **numbers) -> None:
+    entry = {"stage": stage, "decision": decision, **numbers}
+    decisions.append(entry)
+    why = numbers.get("why")
+    print(f"act: decision [{stage}]: {decision}" + (f" ({why})" if why else ""))
+
+
+class PTQProbe(PostTrainingQuantization):
+    """The PTQ stage of `auto`: one histogram pass, a small search over calibrators, the best kept."""
+
+    def __init__(self, config: RunConfig, decisions: List[Dict[str, Any]]):
+        super().__init__(config)
+        self.decisions = decisions
+        self.accepted = False
+        self.candidates: List[Dict[str, Any]] = []
+
+    def run(self, resume: bool = False, exist_ok: bool = False) -> Optional[Dict[str, Any]]:
+        cfg = self.cfg
+        t0 = time.time()
+        self._prepare_output(False, exist_ok, marker_name=self.CHECKPOINT)
+        self.resuming = False
+        self.setup()
+        self.best_metric, self.best_iteration = None, 0
+        self.history: List[Dict[str, Any]] = []
+        self.bad_images: List[str] = []
+        self.nonfinite_steps = 0
+        log = RunLogger(self.out / "tensorboard")
+        if not self.evaluators:
+            raise ConfigError("invalid config:\n  strategy: auto needs an evaluation to decide with: keep "
+                              "eval.fidelity.enabled: true (label-free) or set eval.data")
+        before: Dict[str, Dict[str, float]] = {"teacher": self.evaluate(self.teacher, 0)}
+        if before["teacher"]:
+            log.scalars("eval_before/teacher", before["teacher"], 0)
+            print(f"act: teacher {_fmt(before['teacher'])}")
+        self.teacher_eval = before["teacher"]
+        self.history.append({"iteration": 0, "before": before})
+
+        # one pass of histograms for every candidate calibrator
+        num = cfg.auto.probe_images or cfg.ptq.num_images
+        self.cfg = cfg.model_copy(update={"ptq": cfg.ptq.model_copy(update={"num_images": num})})
+        loader = self.calibration_loader()
+        self.cfg = cfg
+
+        def loop(model):
+            for images, bad in loader:
+                if bad:
+                    self.bad_images.extend(b for b in bad if b not in self.bad_images)
+                if images is not None and len(images):
+                    model(as_model_input(images, self.device))
+            self.s_capture.pop()
+
+        t_cal = time.time()
+        top, hist = collect_histograms(self.student, loop, cfg.ptq.bins)
+        target = cfg.auto.target
+        metric = target_metric(target, self.task)
+        print(f"act: PTQ probe: {len(cfg.auto.search)} calibrators on {len(loader.dataset)} images, target "
+              f"{metric}")
+        best = None
+        for i, cand in enumerate(cfg.auto.search):
+            result = ranges_from_histograms(top, hist, cand.calibrator, cand.percentile)
+            set_ranges(self.student, result.ranges)
+            res = self.evaluate(self.student, 0)
+            met, info = check_target(target, res, self.teacher_eval, self.task, where="auto.target")
+            snr = res.get("fidelity_snr_db_mean", -math.inf)
+            row = {"calibrator": _label(cand), **info, "snr_db": snr,
+                   "metrics": {k: v for k, v in res.items() if "/" not in k}}
+            self.candidates.append(row)
+            log.scalars(f"probe/{_label(cand).replace(' ', '_')}", {k: v for k, v in res.items() if "/" not in k}, i)
+            print(f"act: PTQ probe {_label(cand)}: {_fmt(res)}")
+            key = (info["value"] if not math.isnan(info["value"]) else -math.inf, snr)
+            if best is None or key > best[0]:
+                best = (key, cand, result, res, info)
+        calibrate_time = time.time() - t_cal
+        _, cand, result, res, info = best
+        set_ranges(self.student, result.ranges)
+        self.best_calibrator = cand
+        self.best_eval = res
+        self.history.append({"iteration": 0, "eval": res})
+        if self.metric:
+            self.best_metric = res.get(self.metric)
+        log.quantizers(self.student, 0)
+        self.save(self.CHECKPOINT, 0, training_state=False)
+        table = {c["calibrator"]: round(c["value"], 4) for c in self.candidates}
+        _decide(self.decisions, "ptq", f"best calibrator: {_label(cand)}", metric=info["metric"],
+                value=info["value"], candidates=table, why=f"highest {info['metric']} of {len(table)} candidates")
+        self.accepted = info["met"]
+        if self.accepted:
+            _decide(self.decisions, "ptq", "stop after PTQ", metric=info["metric"], value=info["value"],
+                    threshold=info["threshold"],
+                    why=f"{info['metric']} {info['value']:.4f} >= target {info['threshold']:.4f}")
+        else:
+            _decide(self.decisions, "ptq", "go on to distillation QAT", metric=info["metric"], value=info["value"],
+                    threshold=info["threshold"],
+                    why=f"{info['metric']} {info['value']:.4f} < target {info['threshold']:.4f}")
+        self.probe_time = time.time() - t0
+        if not self.accepted:
+            log.close()
+            return None
+        extra = {
+            "mode": "ptq",
+            "strategy": {"name": "auto", "stage": "ptq", "target": _target_json(cfg.auto.target, self.task),
+                         "probe": self.candidates},
+            "ptq": {"calibrator": cand.calibrator, "percentile": cand.percentile if cand.calibrator == "percentile"
+                    else None, "images": len(loader.dataset), "bins": cfg.ptq.bins, **result.summary()},
+            "time_s": {"calibrate": round(calibrate_time, 2), "compress": round(self.probe_time, 2),
+                       "eval": round(self.eval_time, 2)},
+        }
+        summary = self.finish(log, before, 0, time.time() - t0, checkpoint=self.CHECKPOINT, extra=extra)
+        log.close()
+        return summary
+
+
+class TargetedCompression(AutoCompression):
+    """Distillation QAT that stops at the first eval where the target is met."""
+
+    target = None
+    teacher_eval: Dict[str, float] = {}
+
+    def early_stop(self, results: Dict[str, float], iteration: int) -> bool:
+        if self.target is None or not results:
+            return False
+        met, info = check_target(self.target, results, self.teacher_eval, self.task, where="auto.qat_target")
+        if met:
+            _decide(self.decisions, "qat", f"stop early at iteration {iteration}/{self.total_iters}",
+                    iteration=iteration, metric=info["metric"], value=info["value"], threshold=info["threshold"],
+                    why=f"{info['metric']} {info['value']:.4f} >= target {info['threshold']:.4f}")
+            self.stopped_early = iteration
+        return met
+
+    def finish(self, log, before, it, train_time, checkpoint="best.pt", extra=None):
+        if self.target is not None and not getattr(self, "stopped_early", None):
+            evals = [h["eval"] for h in self.history if h.get("eval")]
+            last = None
+            if evals:
+                _, last = check_target(self.target, evals[-1], self.teacher_eval, self.task, where="auto.qat_target")
+            _decide(self.decisions, "qat", f"trained all {it} iterations; target not met",
+                    **({"metric": last["metric"], "value": last["value"], "threshold": last["threshold"],
+                        "why": f"last {last['metric']} {last['value']:.4f} < target {last['threshold']:.4f}"}
+                       if last else {"why": "no evaluation ran"}))
+        extra = dict(extra or {})
+        extra["mode"] = "qat"
+        extra["strategy"] = {**getattr(self, "strategy_info", {}), "stopped_early_at": getattr(self, "stopped_early",
+                                                                                              None)}
+        _save_decisions(self.out, self.decisions)
+        return super().finish(log, before, it, train_time, checkpoint=checkpoint, extra=extra)
+
+
+def _save_decisions(out: Path, decisions) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decisions.json").write_text(json.dumps(decisions, indent=2, default=str))
+
+
+def _target_json(target, task: str) -> Dict[str, Any]:
+    return {"metric": target_metric(target, task), "min": target.min, "max_drop": target.max_drop}
+
+
+class AutoStrategy:
+    def __init__(self, config: RunConfig):
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.decisions: List[Dict[str, Any]] = []
+
+    def check(self) -> None:
+        if self.cfg.auto.prune is not None:
+            # the hook for a pruning stage: refused before any work rather than ignored
+            if not pruning_available():
+                raise ConfigError("invalid config:\n  auto.prune: a speed/size target needs act's pruning stage, "
+                                  "which this act installation does not have; remove auto.prune (quantization only)")
+            raise ConfigError("invalid config:\n  auto.prune: strategy auto does not run the pruning stage yet; "
+                              "prune with the `stages:` pipeline (a prune stage, then a quant stage), or remove "
+                              "auto.prune")
+        if not self.cfg.quant.enabled:
+            raise ConfigError("invalid config:\n  quant.enabled: false, but strategy auto quantizes (use strategy: "
+                              "qat for distillation without quantization)")
+
+    def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+        self.check()
+        t0 = time.time()
+        if resume and (self.out / "last.pt").is_file():
+            return self._resume_qat()
+        probe = PTQProbe(self.cfg, self.decisions)
+        summary = probe.run(exist_ok=exist_ok)
+        _save_decisions(self.out, self.decisions)
+        if probe.accepted:
+            return summary
+        return self._qat(probe, resume=False, t0=t0)
+
+    def _resume_qat(self) -> Dict[str, Any]:
+        """The QAT stage was interrupted: continue it with the config it wrote (strategy qat, the PTQ init, the
+        chosen float layers) and the decisions taken so far."""
+        from act.checkpoint import load_checkpoint
+        from act.config import load_config
+
+        print(f"act: strategy auto: resuming the QAT stage in {self.out}")
+        qcfg = load_config(self.out / "config.yaml")
+        state = load_checkpoint(self.out / "last.pt")["act"]
+        runner = TargetedCompression(qcfg)
+        dec = self.out / "decisions.json"
+        runner.decisions = self.decisions = json.loads(dec.read_text()) if dec.is_file() else []
+        runner.target = self.cfg.auto.qat_target or self.cfg.auto.target
+        hist = state.get("history") or [{}]
+        runner.teacher_eval = hist[0].get("before", {}).get("teacher", {})
+        runner.strategy_info = {"name": "auto", "stage": "qat", "resumed": True}
+        return runner.run(resume=True, exist_ok=True)
+
+    def _qat(self, probe: PTQProbe, resume: bool, t0: Optional[float] = None) -> Dict[str, Any]:
+        cfg = self.cfg
+        qat_target = cfg.auto.qat_target or cfg.auto.target
+        quant = cfg.quant.model_copy(update={"init_from": str(self.out / PTQProbe.CHECKPOINT),
+                                             "skip": probe.cfg.quant.skip})
+        evalc = cfg.eval
+        task = probe.task
+        if evalc.metric is None:  # best.pt: the best by the target's metric
+            evalc = evalc.model_copy(update={"metric": target_metric(qat_target, task)})
+        qcfg = RunConfig.model_validate({**cfg.dump(), "strategy": "qat", "quant": quant.model_dump(mode="json"),
+                                         "eval": evalc.model_dump(mode="json")})
+        runner = TargetedCompression(qcfg)
+        runner.decisions = self.decisions
+        runner.target = qat_target
+        runner.teacher_eval = probe.teacher_eval
+        runner.known_before = {"teacher": probe.teacher_eval, "student_init": probe.best_eval}
+        runner.auto_skip = getattr(probe, "auto_skip", None)
+        # the target's metric must exist in the evaluations QAT runs (same evaluators as the probe)
+        check_target(qat_target, probe.best_eval, probe.teacher_eval, probe.task, where="auto.qat_target")
+        runner.strategy_info = {
+            "name": "auto", "stage": "qat", "target": _target_json(cfg.auto.target, task),
+            "qat_target": _target_json(qat_target, task), "probe": probe.candidates,
+            "probe_calibrator": _label(probe.best_calibrator), "probe_time_s": round(probe.probe_time, 2),
+        }
+        summary = runner.run(resume=resume, exist_ok=True)
+        return summary
+
+
+def run_strategy(cfg: RunConfig, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+    from act import dist as D
+
+    if cfg.strategy != "qat" and D.env_world() > 1:
+        raise ConfigError(f"invalid config:\n  strategy: {cfg.strategy!r} runs in one process; data-parallel "
+                          f"(--devices) is for strategy: qat")
+    if cfg.strategy == "ptq":
+        return PostTrainingQuantization(cfg).run(exist_ok=exist_ok)
+    if cfg.strategy == "qat":
+        return AutoCompression(cfg).run(resume=resume, exist_ok=exist_ok)
+    return AutoStrategy(cfg).run(resume=resume, exist_ok=exist_ok)
