@@ -19,7 +19,6 @@ import copy
 import html
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
