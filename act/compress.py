@@ -903,7 +903,10 @@ class AutoCompression:
 
             summary["report"] = write_report(self.out, summary, runner=self, log=log, student=best_student)
         self._write_summary(summary)
-        print(f"act: done. best {self.metric or 'checkpoint'}: {self.best_metric} at iteration {self.best_iteration}")
+        if self.metric and self.best_metric is not None:
+            print(f"act: done. best {self.metric}: {self.best_metric:.4f} at iteration {self.best_iteration}")
+        else:
+            print(f"act: done at iteration {self.best_iteration} (no eval.metric: best.pt is the last student)")
         print(f"act: outputs in {self.out}  (ONNX: {self.out / 'student.onnx'}; "
               f"TensorBoard: tensorboard --logdir {self.log_dir()})")
         return summary

@@ -200,6 +200,12 @@ class PruneTarget(_Section):
     macs_ratio: Optional[float] = Field(None, gt=0, le=1, description="student MACs / teacher MACs at most")
     params_ratio: Optional[float] = Field(None, gt=0, le=1, description="student params / teacher params at most")
 
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.macs_ratio is None) == (self.params_ratio is None):
+            raise ValueError("expected exactly one of macs_ratio, params_ratio")
+        return self
+
 
 class AutoConfig(_Section):
     """strategy: auto. A PTQ probe (calibrators in `search`, histograms collected once); if its best candidate meets

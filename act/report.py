@@ -19,7 +19,6 @@ import copy
 import html
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -90,25 +89,12 @@ def model_numbers(model: nn.Module, imgsz: int) -> Dict[str, Any]:
 
 
 def ort_latency_ms(path: Path, runs: int = 20, warmup: int = 3) -> Optional[float]:
-    """Median onnxruntime CPU latency (ms) of one batch-1 (or the file's fixed batch) inference."""
-    import onnxruntime as ort
+    """Median onnxruntime CPU latency (ms) of one batch-1 (or the file's fixed batch) inference (act.latency)."""
+    from act.latency import ort_latency
 
     if runs <= 0 or not Path(path).is_file():
         return None
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
+    return float(ort_latency(Path(path), runs=runs, warmup=warmup)["median_ms"])
 
 
 # ---- history ------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 3. If it meets `auto.target`, the run stops: ptq.pt, the Q/DQ ONNX, summary, report (minutes).
 4. Otherwise distillation QAT starts from that PTQ state (quant.init_from) and stops early at the first eval where
    `auto.qat_target` (default: `auto.target`) is met.
-5. A speed/size target (`auto.prune`) asks for a pruning stage: not wired into `auto` yet, so it is refused before
-   any work with a clear error (never silently ignored).
+5. A speed/size target (`auto.prune: {macs_ratio: 0.6}` or `params_ratio`) turns the run into the staged pipeline
+   prune (to the target) -> quant (distillation QAT) of act.stages; the decision is logged like the others.
 
 Every decision is printed (`act: decision: ...`), kept in summary.json["decisions"] and shown in the report.
 `strategy: ptq` runs `act ptq`; `strategy: qat` runs distillation QAT (AutoCompression) only.
@@ -211,14 +211,9 @@ class AutoStrategy:
         self.decisions: List[Dict[str, Any]] = []
 
     def check(self) -> None:
-        if self.cfg.auto.prune is not None:
-            # the hook for a pruning stage: refused before any work rather than ignored
-            if not pruning_available():
-                raise ConfigError("invalid config:\n  auto.prune: a speed/size target needs act's pruning stage, "
-                                  "which this act installation does not have; remove auto.prune (quantization only)")
-            raise ConfigError("invalid config:\n  auto.prune: strategy auto does not run the pruning stage yet; "
-                              "prune with the `stages:` pipeline (a prune stage, then a quant stage), or remove "
-                              "auto.prune")
+        if self.cfg.auto.prune is not None and not pruning_available():
+            raise ConfigError("invalid config:\n  auto.prune: a speed/size target needs act's pruning stage, "
+                              "which this act installation does not have; remove auto.prune (quantization only)")
         if not self.cfg.quant.enabled:
             raise ConfigError("invalid config:\n  quant.enabled: false, but strategy auto quantizes (use strategy: "
                               "qat for distillation without quantization)")
@@ -226,6 +221,8 @@ class AutoStrategy:
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
         self.check()
         t0 = time.time()
+        if self.cfg.auto.prune is not None:
+            return self._prune_then_quantize(resume=resume, exist_ok=exist_ok)
         if resume and (self.out / "last.pt").is_file():
             return self._resume_qat()
         probe = PTQProbe(self.cfg, self.decisions)
@@ -234,6 +231,29 @@ class AutoStrategy:
         if probe.accepted:
             return summary
         return self._qat(probe, resume=False, t0=t0)
+
+    def _prune_then_quantize(self, resume: bool, exist_ok: bool) -> Dict[str, Any]:
+        """A speed/size target: PTQ alone cannot make the network smaller, so the run becomes the staged pipeline
+        prune (to the target, distilling between steps) -> quant (distillation QAT), with the config's own train,
+        distill, quant and eval settings for both stages."""
+        p = self.cfg.auto.prune
+        metric, target = ("macs", p.macs_ratio) if p.macs_ratio is not None else ("params", p.params_ratio)
+        stages: List[Dict[str, Any]] = [{"type": "quant"}]
+        if target < 1.0:
+            stages.insert(0, {"type": "prune", "target": target, "metric": metric})
+            _decide(self.decisions, "auto", f"prune to {target}x the teacher's {metric.upper()}, then distillation QAT",
+                    why=f"auto.prune asks for {metric} <= {target}x; PTQ cannot change the network's size",
+                    target=target, metric=metric)
+        else:
+            _decide(self.decisions, "auto", "no pruning: the target is the teacher's own size; distillation QAT",
+                    why=f"auto.prune {metric}_ratio = {target}", target=target, metric=metric)
+        raw = {**self.cfg.dump(), "strategy": "qat", "stages": stages}
+        raw["auto"] = {**raw.get("auto", {}), "prune": None}
+        staged = RunConfig.model_validate(raw)
+        summary = AutoCompression(staged).run(resume=resume, exist_ok=exist_ok)
+        summary["decisions"] = list(self.decisions) + list(summary.get("decisions") or [])
+        _save_decisions(self.out, summary["decisions"])
+        return summary
 
     def _resume_qat(self) -> Dict[str, Any]:
         """The QAT stage was interrupted: continue it with the config it wrote (strategy qat, the PTQ init, the

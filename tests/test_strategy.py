@@ -12,7 +12,7 @@ from act.checkpoint import load_checkpoint
 from act.config import validate_config
 from act.errors import ConfigError
 from act.quant import QuantConv2d
-from conftest import mini_config
+from conftest import mini_config, tiny_config
 
 
 def _decisions(summary):
@@ -80,6 +80,25 @@ def test_target_config_errors(tmp_path):
     assert not ok and info["threshold"] == pytest.approx(0.50)
     ok, _ = check_target(TargetConfig(max_drop=0.1), {"fidelity_pose_map50_95": 0.91}, {}, "pose")
     assert ok  # fidelity: the teacher's own value is 1.0
+
+
+def test_prune_target_runs_prune_then_quant_stages(tmp_path):
+    """auto.prune (a speed target) turns `auto` into the staged pipeline: pruned to the MACs target, then INT8."""
+    from act.strategy import run_strategy
+
+    cfg = validate_config(tiny_config(tmp_path, strategy="auto", auto={"prune": {"macs_ratio": 0.8}},
+                                      train={"iterations": 5, "checkpoint_every": 5}, eval={"every": 5},
+                                      report={"enabled": False}, export={"latency_runs": 0}))
+    s = run_strategy(cfg)
+    assert s["decisions"][0]["decision"].startswith("prune to 0.8x the teacher's MACS")
+    assert json.loads((tmp_path / "decisions.json").read_text())[0] == s["decisions"][0]
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert [st["type"] for st in written["stages"]] == ["prune", "quant"] and written["auto"]["prune"] is None
+    pruned = json.loads((tmp_path / "stages" / "1_prune" / "summary.json").read_text())
+    assert abs(pruned["cost"]["macs_ratio"] - 0.8) <= 0.05 * 0.8
+    assert (tmp_path / "stages" / "2_quant" / "student.onnx").is_file()
+    with pytest.raises(ConfigError, match="exactly one of macs_ratio, params_ratio"):
+        validate_config(mini_config(tmp_path, auto={"prune": {"macs_ratio": 0.5, "params_ratio": 0.5}}))
 
 
 def test_prune_target_without_pruning_is_a_clear_error(tmp_path, monkeypatch):
