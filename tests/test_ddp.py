@@ -47,9 +47,11 @@ def test_ranks_end_identical(ddp_run):
 def test_only_rank0_wrote_and_checkpoint_matches(ddp_run):
     out, (s0, _), r = ddp_run
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["best.pt", "config.yaml", "last.pt", "summary.json", "tensorboard"], names
-    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: rank 0's
-    assert r.stdout.count("act: done.") == 1
+    assert names == ["best.pt", "config.yaml", "last.pt", "report", "report.html", "report.md", "summary.json",
+                     "tensorboard"], names
+    events = [p for p in (out / "tensorboard").iterdir() if p.name.startswith("events.")]
+    assert len(events) == 1  # one event file: rank 0's
+    assert r.stdout.count("act: done") == 1
     ck = load_checkpoint(out / "last.pt")
     assert ck["act"]["iteration"] == 4
     assert ck["act"]["data_position"] == (2 + 4) * 2 * 2  # calibration + training batches, global samples
