@@ -49,11 +49,9 @@ class PostTrainingQuantization(AutoCompression):
         return build_loader(data, seed=cfg.train.seed, shuffle=False, augment=False, paths=paths[: p.num_images],
                             batch_size=p.batch_size or cfg.data.batch_size)
 
-    def calibrate_ptq(self) -> CalibrationResult:
-        loader = self.calibration_loader()
-        p = self.cfg.ptq
-
-        def forward_loop(model):
+    def forward_loop(self, loader):
+        """The calibration pass over `loader`: unreadable images counted, the distillation captures dropped."""
+        def loop(model):
             for images, bad in loader:
                 if bad:
                     self.bad_images.extend(b for b in bad if b not in self.bad_images)
@@ -61,7 +59,12 @@ class PostTrainingQuantization(AutoCompression):
                     model(as_model_input(images, self.device))
             self.s_capture.pop()
 
-        result = calibrate_ranges(self.student, forward_loop, p.calibrator, p.percentile, p.bins)
+        return loop
+
+    def calibrate_ptq(self) -> CalibrationResult:
+        loader = self.calibration_loader()
+        p = self.cfg.ptq
+        result = calibrate_ranges(self.student, self.forward_loop(loader), p.calibrator, p.percentile, p.bins)
         set_ranges(self.student, result.ranges)
         self.calibration_images = len(loader.dataset)
         return result

@@ -102,42 +102,35 @@ class NanGuard:
         """Account for a skipped step; restore or stop per the policy. Returns a message to show, if any."""
         self._undo_buffers()
         self.optimizer.zero_grad(set_to_none=True)
-        self.skipped += 1
-        self.consecutive += 1
-        p = self.policy
-        self.events.append({"iteration": iteration, "what": what})
-        if p.max_skipped is not None and self.skipped > p.max_skipped:
-            self.stop(iteration, f"{self.skipped} steps with a non-finite {what} (train.nan_policy.max_skipped="
-                                 f"{p.max_skipped})")
-        if self.consecutive < p.max_consecutive:
-            return f"non-finite {what} at iteration {iteration}: step skipped ({self.skipped} so far)"
-        if self.restores >= p.max_restores:
-            self.stop(iteration, f"{self.consecutive} non-finite steps in a row after {self.restores} restores "
-                                 f"(train.nan_policy.max_restores={p.max_restores})")
-        self.restore()
-        self.consecutive = 0
-        return (f"{p.max_consecutive} non-finite steps in a row at iteration {iteration}: restored the last good "
-                f"state (iteration {self._good_iteration()}) and lowered the learning rate by {p.lr_factor} "
-                f"(restore {self.restores}/{p.max_restores})")
+        return self._apply(iteration, 1, self.consecutive + 1, what, what,
+                           f"non-finite {what} at iteration {iteration}: step skipped", f"at iteration {iteration}")
 
     def observe(self, new_bad: int, consecutive: int, iteration: int) -> Optional[str]:
         """The device-side (sync-free) path: `new_bad` steps were skipped since the last look (the GradScaler skipped
         their updates on the device), the last `consecutive` of them in a row. Same policy, applied at log steps."""
+        return self._apply(iteration, new_bad, consecutive, f"{new_bad} non-finite step(s)", "loss",
+                           f"{new_bad} non-finite step(s) skipped before iteration {iteration}",
+                           f"before iteration {iteration}")
+
+    def _apply(self, iteration: int, new_bad: int, consecutive: int, event: str, what: str, skipped_msg: str,
+               when: str) -> Optional[str]:
+        """The policy, for both paths: count, stop past max_skipped, restore after max_consecutive in a row (stop
+        past max_restores)."""
         p = self.policy
         self.skipped += new_bad
         self.consecutive = consecutive
-        self.events.append({"iteration": iteration, "what": f"{new_bad} non-finite step(s)"})
+        self.events.append({"iteration": iteration, "what": event})
         if p.max_skipped is not None and self.skipped > p.max_skipped:
-            self.stop(iteration, f"{self.skipped} steps with a non-finite loss (train.nan_policy.max_skipped="
+            self.stop(iteration, f"{self.skipped} steps with a non-finite {what} (train.nan_policy.max_skipped="
                                  f"{p.max_skipped})")
         if consecutive < p.max_consecutive:
-            return f"{new_bad} non-finite step(s) skipped before iteration {iteration} ({self.skipped} so far)"
+            return f"{skipped_msg} ({self.skipped} so far)"
         if self.restores >= p.max_restores:
             self.stop(iteration, f"{consecutive} non-finite steps in a row after {self.restores} restores "
                                  f"(train.nan_policy.max_restores={p.max_restores})")
         self.restore()
         self.consecutive = 0
-        return (f"{consecutive} non-finite steps in a row before iteration {iteration}: restored the last good "
+        return (f"{consecutive} non-finite steps in a row {when}: restored the last good "
                 f"state (iteration {self._good_iteration()}) and lowered the learning rate by {p.lr_factor} "
                 f"(restore {self.restores}/{p.max_restores})")
 

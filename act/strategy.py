@@ -27,7 +27,6 @@ import torch
 
 from act.compress import AutoCompression, _fmt
 from act.config import RunConfig
-from act.data import as_model_input
 from act.errors import ConfigError
 from act.monitor import RunLogger
 from act.ptq import PostTrainingQuantization
@@ -91,16 +90,8 @@ class PTQProbe(PostTrainingQuantization):
         loader = self.calibration_loader()
         self.cfg = cfg
 
-        def loop(model):
-            for images, bad in loader:
-                if bad:
-                    self.bad_images.extend(b for b in bad if b not in self.bad_images)
-                if images is not None and len(images):
-                    model(as_model_input(images, self.device))
-            self.s_capture.pop()
-
         t_cal = time.time()
-        top, hist = collect_histograms(self.student, loop, cfg.ptq.bins)
+        top, hist = collect_histograms(self.student, self.forward_loop(loader), cfg.ptq.bins)
         target = cfg.auto.target
         metric = target_metric(target, self.task)
         print(f"act: PTQ probe: {len(cfg.auto.search)} calibrators on {len(loader.dataset)} images, target "

@@ -284,9 +284,9 @@ def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
     dt = time.perf_counter() - t
     # the loader alone (no GPU work): what the CPU side can deliver. The prefetch queue is full at first, so
     # drain it for workers x prefetch_factor batches, then time as many again
-    from act.pipeline import resolve_workers as _rw
+    from act.pipeline import resolve_workers
 
-    ahead = max(1, _rw(ac.cfg.data.workers, 1)) * ac.cfg.data.prefetch_factor
+    ahead = max(1, resolve_workers(ac.cfg.data.workers, 1)) * ac.cfg.data.prefetch_factor
     for _ in range(ahead):
         next(batches)
     t = time.perf_counter()
@@ -294,8 +294,6 @@ def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
     for _ in range(max(8, ahead)):
         m += len(next(batches))
     loader_ips = m / (time.perf_counter() - t)
-    from act.pipeline import resolve_workers
-
     return {"row": f"act {name}", "mode": "real", "overrides": overrides,
             "images_per_s": round(n / dt, 1), "step_ms": round(dt / args.iters * 1e3, 2),
             "data_wait_share": round(wait / dt, 3), "loader_only_images_per_s": round(loader_ips, 1),

@@ -150,36 +150,10 @@ def calibrate_ranges(model: nn.Module, forward_loop: Callable[[nn.Module], None]
     """Observe every activation quantizer's float input over `forward_loop(model)` (called once for minmax, twice
     otherwise; it must feed the same images each time) and compute each one's range with `method`. The model's
     quantizer state is not changed: apply the result with `set_ranges`."""
-    from act.quant import activation_quantizers, set_quant_mode
-
     if method not in CALIBRATORS:
         raise ActError(f"unknown calibrator {method!r}; expected one of {', '.join(CALIBRATORS)}")
-    quantizers = activation_quantizers(model)
-    if not quantizers:
-        raise ActError("the model has no activation quantizers to calibrate (was it quantized?)")
-    was_training = model.training
-    col = _Collector(quantizers, bins)
-    set_quant_mode(model, "off")
-    model.eval()
-    try:
-        forward_loop(model)
-        missing = sorted(set(quantizers) - set(col.absmax))
-        if missing:
-            raise ActError(f"calibration saw no input at {len(missing)} quantizers (e.g. {missing[0]}); did the "
-                           f"forward loop run any image?")
-        col.top = {n: float(v) for n, v in col.absmax.items()}
-        if method != "minmax":
-            col.phase = "hist"
-            forward_loop(model)
-    finally:
-        col.remove()
-        set_quant_mode(model, "quant")
-        model.train(was_training)
-    ranges = {}
-    for name, top in col.top.items():
-        h = col.hist.get(name)
-        ranges[name] = top if h is None else amax_from_histogram(h.cpu().numpy(), top, method, percentile)
-    return CalibrationResult(ranges=ranges, absmax=col.top, method=method)
+    top, hist = _observe(model, forward_loop, bins, histograms=method != "minmax")
+    return ranges_from_histograms(top, hist, method, percentile)
 
 
 # ---- applying and transferring ranges -----------------------------------------------------------------------------
@@ -215,6 +189,12 @@ def get_ranges(model: nn.Module) -> Dict[str, float]:
 def collect_histograms(model: nn.Module, forward_loop: Callable[[nn.Module], None], bins: int = 2048):
     """Like calibrate_ranges, but returns the raw statistics ({name: abs-max}, {name: histogram}) so that any number
     of calibrators can be applied with `ranges_from_histograms` without running the images again."""
+    return _observe(model, forward_loop, bins, histograms=True)
+
+
+def _observe(model: nn.Module, forward_loop: Callable[[nn.Module], None], bins: int, histograms: bool):
+    """The float input of every activation quantizer over `forward_loop(model)`: its abs-max (first pass) and, with
+    `histograms`, its histogram of |x| over [0, abs-max] (second pass). Quantizers are off meanwhile."""
     from act.quant import activation_quantizers, set_quant_mode
 
     quantizers = activation_quantizers(model)
@@ -231,8 +211,9 @@ def collect_histograms(model: nn.Module, forward_loop: Callable[[nn.Module], Non
             raise ActError(f"calibration saw no input at {len(missing)} quantizers (e.g. {missing[0]}); did the "
                            f"forward loop run any image?")
         col.top = {n: float(v) for n, v in col.absmax.items()}
-        col.phase = "hist"
-        forward_loop(model)
+        if histograms:
+            col.phase = "hist"
+            forward_loop(model)
     finally:
         col.remove()
         set_quant_mode(model, "quant")
