@@ -62,7 +62,6 @@ class _PactFakeQuant(torch.autograd.Function):
         code = torch.sign(x - xc).to(torch.int8)
         code.masked_fill_(~mask, 2)
         ctx.save_for_backward(code, alpha)
-        ctx.x_dtype = x.dtype
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
