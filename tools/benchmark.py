@@ -65,6 +65,10 @@ def parse_args(argv=None):
                                                                      "--max-images)")
     p.add_argument("--onnx-device", default="cpu", help="device for onnxruntime (default cpu)")
     p.add_argument("--fidelity-images", type=int, default=None, help="held-out unlabeled images (default 64; quick 8)")
+    p.add_argument("--resume", action="store_true", help="keep the rows of OUT/benchmark.json that have no error and "
+                                                         "run only the others (e.g. the ONNX row of a cut-off run)")
+    p.add_argument("--skip-onnx", action="store_true", help="leave the QAT ONNX row for a later --resume (on a "
+                                                            "machine with more CPU time, say)")
     return p.parse_args(argv)
 
 
@@ -90,7 +94,15 @@ class Bench:
         self.fid_images = args.fidelity_images or (8 if q else 64)
         self.ptq_images = args.ptq_images or (8 if q else 256)
         self.rows: List[Dict[str, Any]] = []
+        self.done: Dict[str, Dict[str, Any]] = {}
         self.t0 = time.time()
+        self.prior_s = 0.0
+        prior = self.out / "benchmark.json"
+        if args.resume and prior.is_file():
+            old = json.loads(prior.read_text())
+            self.done = {r["method"]: r for r in old.get("rows", []) if "error" not in r}
+            self.prior_s = float(old.get("total_s") or 0.0)
+            print(f"benchmark: --resume keeps {len(self.done)} rows of {prior}", flush=True)
         self.teacher = "yolo11n-pose"
         self.env = {
             "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() and self.device != "cpu" else
@@ -117,6 +129,11 @@ class Bench:
         return rows[0]
 
     def add(self, method: str, fn) -> Optional[Dict]:
+        if method in self.done:
+            print(f"\nbenchmark: {method}: kept from the earlier run", flush=True)
+            self.rows.append(self.done[method])
+            self.write()
+            return self.done[method]
         print(f"\nbenchmark: {method} ...", flush=True)
         t = time.time()
         try:
@@ -164,7 +181,6 @@ class Bench:
         if init:
             o.append(f"quant.init_from={init}")
         s = AutoCompression(a.config, overrides=o).run(exist_ok=True)
-        self.qat_summary = s
         ckpt = self.out / "runs" / "qat" / "best.pt"
         r = self.evaluate(str(ckpt))
         return {**r, "model": str(ckpt), "compress_s": s["time_s"].get("compress"),
@@ -190,10 +206,10 @@ class Bench:
     def onnx_row(self):
         onnx = self.out / "runs" / "qat" / "student.onnx"
         r = self.evaluate(str(onnx), max_images=self.onnx_max_images, device=self.args.onnx_device)
-        s = getattr(self, "qat_summary", {})
-        return {**r, "model": str(onnx), "compress_s": s.get("time_s", {}).get("compress"),
-                "train_images_per_s": s.get("speed", {}).get("train_images_per_s"),
-                "eval_images": self.onnx_max_images or "all"}
+        qat = next((r for r in self.rows if r["method"].startswith("act QAT-distill (torch")), {})
+        return {**r, "model": str(onnx), "compress_s": qat.get("compress_s"),
+                "train_images_per_s": qat.get("train_images_per_s"), "eval_images": self.onnx_max_images or "all",
+                "onnx_device": self.args.onnx_device}
 
     # ---- output --------------------------------------------------------------------------------------------------
     def write(self) -> None:
@@ -202,7 +218,7 @@ class Bench:
         settings = {k: v for k, v in vars(self.args).items()}
         settings.update(imgsz=self.imgsz, device=self.device, ptq_images=self.ptq_images,
                         fidelity_images=self.fid_images, max_images=self.max_images, data_yaml=self.data_yaml)
-        total = round(time.time() - self.t0, 1)
+        total = round(self.prior_s + time.time() - self.t0, 1)
         (self.out / "benchmark.json").write_text(json.dumps(
             {"settings": settings, "env": self.env, "total_s": total, "rows": self.rows}, indent=2, default=str))
         errors = [f"- {r['method']}: {r['error']}" for r in self.rows if "error" in r]
@@ -249,7 +265,7 @@ def main(argv=None) -> int:
     for c in args.calibrators:
         b.add(f"act PTQ ({c})", lambda c=c: b.ptq_row(c))
     qat = b.add("act QAT-distill (torch fake-quant, best.pt)", b.qat_row)
-    if "error" not in qat:
+    if "error" not in qat and not args.skip_onnx:
         b.add("act QAT-distill ONNX (onnxruntime)", b.onnx_row)
     print("\n" + (b.out / "benchmark.md").read_text())
     print(f"benchmark: wrote {b.out / 'benchmark.md'} and {b.out / 'benchmark.json'}")
