@@ -161,8 +161,12 @@ class StructuredPruner:
                 hi, c_hi = r, c
             if hi is not None and hi - lo < 0.002:
                 break
+        # not pruning at all is a candidate too: on round_to's staircase the smallest real cut can land much further
+        # from a step's target than where the model already is (a 0.8x target from 0.82x jumped to 0.66x)
+        trials.setdefault(0.0, start)
         best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
-        self._prune_at(model, best, have_grads, means)
+        if best > 0:
+            self._prune_at(model, best, have_grads, means)
         cost = model_cost(model, self.imgsz)
         info.update(macs=cost[0], params=cost[1], trials=len(trials), channel_ratio=round(best, 4),
                     reached=abs(cost[which] / target - 1) <= self.tolerance)
