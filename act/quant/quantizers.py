@@ -45,8 +45,10 @@ class _PactFakeQuant(torch.autograd.Function):
     one int8 code per element is kept instead of autograd's clamp masks (which cost ~10 kernels per quantizer)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, scale, zp):
-        a = alpha.detach().abs().to(x.dtype)
+    def forward(ctx, x, alpha, scale, zp, a_abs, enabled):
+        """a_abs: |alpha| (detached), computed once by the caller; enabled: the op's fake_quant_enabled flag (a
+        cached constant)."""
+        a = a_abs.to(x.dtype)
         ctx.x_dtype = x.dtype
         if fused.ENABLED:  # train.compile: quantizers -- one compiled pass instead of the ops below
             out, code = fused.kernels()[0](x, a, scale)
@@ -56,7 +58,7 @@ class _PactFakeQuant(torch.autograd.Function):
         ctx.fused = False
         xc = torch.clamp(x, -a, a)
         out, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            _as_float32(xc), scale, zp, torch.ones((), dtype=torch.long, device=x.device), QMIN, QMAX)
+            _as_float32(xc), scale, zp, enabled, QMIN, QMAX)
         # code: +1 clipped above, -1 clipped below, 0 inside the clip; times the quantizer's in-range mask, and
         # 2 for elements outside it (no gradient anywhere)
         code = torch.sign(x - xc).to(torch.int8)
@@ -70,14 +72,14 @@ class _PactFakeQuant(torch.autograd.Function):
         if ctx.fused:
             grad_x, ga = fused.kernels()[1](g, code)
             ga = (ga * torch.sign(alpha.detach())).to(alpha.dtype) if ctx.needs_input_grad[1] else None
-            return grad_x.to(ctx.x_dtype), ga, None, None
+            return grad_x.to(ctx.x_dtype), ga, None, None, None, None
         grad_x = g * (code == 0)
         ga = None
         if ctx.needs_input_grad[1]:
             clipped = torch.where(code.abs() == 1, code, 0)
             ga = (g.float() * clipped).sum() * torch.sign(alpha.detach())
             ga = ga.to(alpha.dtype)
-        return grad_x.to(ctx.x_dtype), ga, None, None
+        return grad_x.to(ctx.x_dtype), ga, None, None, None, None
 
 
 class WeightQuantizer(nn.Module):
@@ -174,14 +176,15 @@ class ActivationQuantizer(nn.Module):
             self._alpha_ready = bool(self.pact and bool(self.alpha_set)) if "alpha_set" in self._buffers else False
 
     # -- state -------------------------------------------------------------------------------------------------
-    def range(self) -> torch.Tensor:
+    def range(self, a_abs: torch.Tensor | None = None) -> torch.Tensor:
         r = self.running_absmax
         if self.alpha_ready:
-            r = torch.minimum(r, self.alpha.detach().abs())
+            r = torch.minimum(r, self.alpha.detach().abs() if a_abs is None else a_abs)
         return r
 
-    def scale(self) -> torch.Tensor:
-        return (self.range().float() / QMAX).clamp_min(EPS)
+    def scale(self, a_abs: torch.Tensor | None = None) -> torch.Tensor:
+        """range / 127 (at least EPS); a_abs: |alpha| if the caller has it already."""
+        return (self.range(a_abs).float() / QMAX).clamp_min(EPS)
 
     def freeze(self) -> None:
         self.frozen_scale = self.scale().detach().clone()
@@ -204,6 +207,13 @@ class ActivationQuantizer(nn.Module):
             self.__dict__["_zp"] = zp  # a cached constant (not state): no allocation and fill per call
         return zp
 
+    def _enabled_flag(self, device) -> torch.Tensor:
+        on = self.__dict__.get("_on")
+        if on is None or on.device != device:
+            on = torch.ones((), dtype=torch.long, device=device)
+            self.__dict__["_on"] = on  # cached like the zero point
+        return on
+
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, clip: torch.Tensor | None = None) -> None:
         batch_max = torch.linalg.vector_norm(x.detach(), float("inf")).float()  # abs-max in one pass, no |x| copy
@@ -218,11 +228,11 @@ class ActivationQuantizer(nn.Module):
             batch_max, self._pending_max, self._pending_calls = self._pending_max, None, 0
         if self.reduce_fn is not None:
             batch_max = self.reduce_fn(batch_max)
-        new = torch.where(self.initialized, self.ema_rate * self.running_absmax + (1 - self.ema_rate) * batch_max,
-                          batch_max)
+        # EMA: running + (1 - rate) * (batch - running); the first observation takes the batch's value
+        w = torch.where(self.initialized, 1.0 - self.ema_rate, 1.0)
+        new = torch.lerp(self.running_absmax, batch_max, w)
         # a non-finite batch (a NaN/Inf step, skipped by train.nan_policy) never moves the range
-        new = torch.where(torch.isfinite(batch_max), new, self.running_absmax)
-        self.running_absmax.copy_(new)
+        self.running_absmax.copy_(torch.where(torch.isfinite(batch_max), new, self.running_absmax))
         self.initialized.fill_(True)
 
     # -- forward -----------------------------------------------------------------------------------------------
@@ -237,12 +247,14 @@ class ActivationQuantizer(nn.Module):
         zp = self._zero_point(x.device)
         if use_clip and self.frozen_scale is None:
             # the batch abs-max after the clip is min(abs-max of x, |alpha|): observe first, then clip+quantize fused
+            a_abs = self.alpha.detach().abs()
+            on = self._enabled_flag(x.device)
             if self.shared:  # every call of a shared quantizer uses the step's scale from before its update
-                s = self.scale()
-                self._observe(x, clip=self.alpha.detach().abs())
-                return _PactFakeQuant.apply(x, self.alpha, s, zp)
-            self._observe(x, clip=self.alpha.detach().abs())
-            return _PactFakeQuant.apply(x, self.alpha, self.scale(), zp)
+                s = self.scale(a_abs)
+                self._observe(x, clip=a_abs)
+                return _PactFakeQuant.apply(x, self.alpha, s, zp, a_abs, on)
+            self._observe(x, clip=a_abs)
+            return _PactFakeQuant.apply(x, self.alpha, self.scale(a_abs), zp, a_abs, on)
         if use_clip:
             a = self.alpha.abs().to(x.dtype)
             x = torch.clamp(x, -a, a)
