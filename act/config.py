@@ -453,7 +453,13 @@ class PruneStage(_Stage):
     ignore: List[str] = Field(default_factory=list,
                               description="module-name globs (or 're:' regexes) whose output channels stay")
     bias_compensation: bool = Field(
-        True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias")
+        True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias "
+                          "(BN-folded students only: a BatchNorm in train mode re-centres by itself)")
+    keep_batchnorm: bool = Field(
+        True, description="the first stage's student trains with the model's BatchNorm layers (loaded un-folded; "
+                          "normalization makes the pruned network far easier to retrain) and they are folded into "
+                          "the convs when the stage ends (best.pt, ONNX). false: the BN-folded student of QAT. "
+                          "Under DDP the student is always BN-folded")
 
 
 class SparsityStage(_Stage):

@@ -28,8 +28,25 @@ from act.errors import ActError
 TRACE_IMGSZ = 160  # MACs of a conv net scale with H*W, so their ratio does not depend on the traced size
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Folds every BatchNorm into the conv before it, in place (Ultralytics' own fuse: Conv/DWConv/RepConv...)."""
+    if has_batchnorm(model) and hasattr(model, "fuse"):
+        was = model.training
+        model.eval()
+        model.fuse(verbose=False)
+        model.train(was)
+    return model
+
+
 def model_cost(model: nn.Module, imgsz: int = TRACE_IMGSZ) -> Tuple[float, int]:
-    """(MACs, parameters) of one image at imgsz x imgsz, by torch-pruning's counter (a deep copy runs, in eval)."""
+    """(MACs, parameters) of one image at imgsz x imgsz, by torch-pruning's counter (a deep copy runs, in eval), of
+    the model as it deploys: a model that still has BatchNorm layers is counted with them folded."""
+    if has_batchnorm(model) and hasattr(model, "fuse"):
+        model = fold_batchnorm(copy.deepcopy(model))
     p = next(model.parameters())
     x = torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
     with torch.no_grad():

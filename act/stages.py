@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from act import quant as Q
-from act.checkpoint import load_checkpoint
+from act.checkpoint import atomic_save, load_checkpoint
 from act.compress import AutoCompression, _fmt
 from act.config import RunConfig, SparsityStage, validate_config
 from act.distill import FeatureCapture
 from act.errors import ActError, ConfigError, Interrupted
 from act.latency import ort_latency
-from act.prune import StructuredPruner, accumulate_grads, model_cost
+from act.prune import StructuredPruner, accumulate_grads, fold_batchnorm, has_batchnorm, model_cost
 from act.sparsity import SparsityMasks
 
 STAGE_FILE = "stages.json"
@@ -92,6 +92,9 @@ class StageRun(AutoCompression):
     def build_student(self) -> nn.Module:
         if self.start_from is not None:
             student = load_checkpoint(self.start_from)["model"].float()
+        elif self.stage.type == "prune" and self.stage.keep_batchnorm and not self.dist.enabled:
+            # the teacher's network with its BatchNorm layers (folded when the stage ends: see finish)
+            student = self.family.load(self.source.path, self.source.kind).float()
         else:
             student = copy.deepcopy(self.teacher)
         for p in student.parameters():
@@ -171,7 +174,8 @@ class StageRun(AutoCompression):
                     if prm.grad is not None:
                         prm.grad = reduce(prm.grad)
             have_grads = loss > 1e-9
-        images = self.model_input(next(batches))  # for bias compensation: input means per channel
+        # for bias compensation: input means per channel (a student with BatchNorm re-centres by itself)
+        images = None if has_batchnorm(self.student) else self.model_input(next(batches))
         info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(
             self.student, target, have_grads=have_grads, images=images, reduce=reduce)
         self.s_capture.pop()
@@ -244,6 +248,12 @@ class StageRun(AutoCompression):
         if self.masks is not None:
             info["sparsity"] = self.masks.stats(self.student)
         extra["stage"] = info
+        path = self.out / checkpoint
+        ckpt = load_checkpoint(path)
+        if has_batchnorm(ckpt["model"]):  # keep_batchnorm: what the stage hands on and exports is BN-folded
+            fold_batchnorm(ckpt["model"])
+            atomic_save(ckpt, path)
+            info["batchnorm"] = "trained, folded at the end of the stage"
         summary = super().finish(log, before, it, train_time, checkpoint=checkpoint, extra=extra)
         best = load_checkpoint(self.out / checkpoint)["model"].float()
         imgsz = self.cfg.data.imgsz

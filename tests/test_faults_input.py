@@ -176,12 +176,16 @@ def fuzz_env(tmp_path, monkeypatch):
 
 
 def _names_a_key(err, keys, also=()):
-    """Does the message name (a parent or a child of) one of the `keys`? Error lines read '  key.path: why'."""
+    """Does the message name (a parent or a child of) one of the `keys`? Error lines read '  key.path: why'.
+    Setting a key under a mapping the config did not have creates that mapping: then its missing required sibling
+    (`distill.losses.kpt.type: missing required key` after setting `distill.losses.kpt.weight`) is the answer."""
     import re
 
     named = re.findall(r"^  ([^\s:]+):", err, re.M)
+    missing = re.findall(r"^  ([^\s:]+): missing required key", err, re.M)
+    parent = lambda k: k.rsplit(".", 1)[0]  # noqa: E731
     return any(n == k or k.startswith(n + ".") or n.startswith(k + ".") for n in named for k in keys) or any(
-        a in err for a in also)
+        parent(n) == parent(k) for n in missing for k in keys) or any(a in err for a in also)
 
 
 def _expect_clear_error(fuzz_env, capsys, args, keys=(), also=()):

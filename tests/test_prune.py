@@ -120,8 +120,11 @@ def test_resume_mid_prune_stage(tmp_path, monkeypatch):
         AutoCompression(cfg).run()
     last = load_checkpoint(tmp_path / "stages/1_prune/last.pt")
     assert last["act"]["iteration"] == 3 and last["act"]["stage"]["prune_steps_done"] == 2
-    # the first step prunes a student equal to the teacher (zero distillation loss): magnitude; then Taylor
-    assert [s["importance"] for s in last["act"]["stage"]["prune_log"]] == ["l2", "taylor"]
+    # Taylor at both steps: with its BatchNorm in train mode (keep_batchnorm) the student differs from the teacher
+    # from the start, so the first step has gradients too (a BN-folded student falls back to magnitude there:
+    # test_taylor_falls_back_to_magnitude_on_a_student_equal_to_its_teacher)
+    assert [s["importance"] for s in last["act"]["stage"]["prune_log"]] == ["taylor", "taylor"]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in last["model"].modules())  # still un-folded mid-stage
     pruned_widths = {n: m.out_channels for n, m in last["model"].named_modules() if isinstance(m, nn.Conv2d)}
     assert not (tmp_path / "stages/2_quant").exists()
 
@@ -140,6 +143,29 @@ def test_resume_mid_prune_stage(tmp_path, monkeypatch):
     ac3 = AutoCompression(cfg)
     ac3.run(resume=True)
     assert ac3.stage_runs == []
+    # what the prune stage hands on is BN-folded, with the widths it was pruned to
+    best = load_checkpoint(tmp_path / "stages/1_prune/best.pt")["model"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in best.modules())
+    assert {n: m.out_channels for n, m in best.named_modules() if isinstance(m, nn.Conv2d)
+            and n in pruned_widths} == {n: w for n, w in pruned_widths.items() if n in dict(best.named_modules())}
+
+
+def test_taylor_falls_back_to_magnitude_on_a_student_equal_to_its_teacher(tmp_path):
+    cfg = _prune_quant_cfg(tmp_path, importance="taylor", taylor_batches=1, keep_batchnorm=False)
+    cfg["stages"] = cfg["stages"][:1]
+    cfg["export"] = {"onnx": False}
+    summary = AutoCompression(cfg).run()
+    assert [s["importance"] for s in summary["stages"][0]["stage"]["prune_steps"]] == ["l2", "taylor"]
+
+
+def test_batchnorm_kept_while_pruning_then_folded(staged):
+    """keep_batchnorm (default): the prune stage trains the un-folded network and hands on a BN-folded best.pt."""
+    ac, summary, out = staged
+    prune_run = ac.stage_runs[0]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in prune_run.student.modules())  # trained with BN
+    assert summary["stages"][0]["stage"]["batchnorm"] == "trained, folded at the end of the stage"
+    best = load_checkpoint(out / "stages/1_prune/best.pt")["model"].float()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in best.modules())
 
 
 def test_2to4_masks_hold_through_training_and_export(tmp_path):
