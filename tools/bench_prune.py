@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--onnx-rows", action="store_true", help="also evaluate the exported ONNX files (onnxruntime)")
     p.add_argument("--onnx-max-images", type=int, default=None, help="val images for the ONNX rows")
     p.add_argument("--onnx-device", default="cpu", help="device for onnxruntime rows (default cpu)")
+    p.add_argument("--resume", action="store_true", help="continue the staged run in OUT/runs/prune_qat (act's own "
+                                                         "--resume: finished stages are kept), then evaluate")
     return p.parse_args(argv)
 
 
@@ -150,7 +152,8 @@ class PruneBench:
         if a.batch:
             o.append(f"data.batch_size={a.batch}")
         t = time.time()
-        s = AutoCompression(raw, overrides=o).run(exist_ok=True)
+        resume = a.resume and (self.out / "runs" / "prune_qat" / "stages.json").is_file()
+        s = AutoCompression(raw, overrides=o).run(resume=resume, exist_ok=True)
         self.run_s = round(time.time() - t, 1)
         self.summary = s
         return s
