@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from act.artifacts import format_cell
 from act.errors import ActError, ConfigError
 
 RANK_KEYS = {"snr_db": "fidelity_snr_db_mean", "fidelity": "fidelity_map"}
@@ -207,15 +208,7 @@ class SensitivityResult:
 
 
 def _num(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    return str(v)
+    return format_cell(v, big=".2f")
 
 
 def markdown(res: SensitivityResult) -> str:

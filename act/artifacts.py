@@ -152,15 +152,16 @@ COLUMNS = [
 ]
 
 
-def _cell(v: Any) -> str:
+def format_cell(v: Any, big: str = ".1f") -> str:
+    """A table cell: '-' for None, nan / inf spelled out, floats with 4 decimals below 10 and `big` above."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
         if math.isnan(v):
             return "nan"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.4f}" if abs(v) < 10 else format(v, big)
     return str(v)
 
 
@@ -168,7 +169,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]], columns=COLUMNS) -> str:
     """A markdown table of the columns that at least one row has."""
     cols = [(k, h) for k, h in columns if any(k in r for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

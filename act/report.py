@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from act.artifacts import format_cell
+
 HEADLINE = ["pose_map50_95", "pose_map50", "box_map50_95", "box_map50", "fidelity_pose_map50_95",
             "fidelity_box_map50_95", "fidelity_snr_db_mean", "fidelity_cos_min"]
 
@@ -209,15 +211,7 @@ def _figure_probe(probe: List[Dict[str, Any]]):
 
 # ---- tables -------------------------------------------------------------------------------------------------------
 def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-    return html.escape(str(v)) if isinstance(v, str) else str(v)
+    return html.escape(v) if isinstance(v, str) else format_cell(v)
 
 
 COST_COLUMNS = [("params_m", "params (M)"), ("gmacs", "GMACs"), ("weights_mb", "weights MB"),

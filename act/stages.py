@@ -248,9 +248,9 @@ class StageRun(AutoCompression):
         if self.masks is not None:
             info["sparsity"] = self.masks.stats(self.student)
         extra["stage"] = info
-        path = self.out / checkpoint
-        ckpt = load_checkpoint(path)
-        if has_batchnorm(ckpt["model"]):  # keep_batchnorm: what the stage hands on and exports is BN-folded
+        if has_batchnorm(self.student):  # keep_batchnorm: what the stage hands on and exports is BN-folded
+            path = self.out / checkpoint
+            ckpt = load_checkpoint(path)
             fold_batchnorm(ckpt["model"])
             atomic_save(ckpt, path)
             info["batchnorm"] = "trained, folded at the end of the stage"

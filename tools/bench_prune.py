@@ -177,14 +177,7 @@ class PruneBench:
 
     # ---- output --------------------------------------------------------------------------------------------------
     def add(self, method, fn) -> Dict:
-        print(f"\nbench_prune: {method} ...", flush=True)
-        t = time.time()
-        try:
-            row = {"method": method, **fn()}
-        except Exception as e:  # keep going: one failed row must not cost the others
-            traceback.print_exc()
-            row = {"method": method, "error": f"{type(e).__name__}: {e}"}
-        row["row_s"] = round(time.time() - t, 1)
+        row = self.bm.run_row(method, fn, "bench_prune")
         self.rows.append(row)
         self.write()
         self.bm._free()

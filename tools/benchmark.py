@@ -134,14 +134,7 @@ class Bench:
             self.rows.append(self.done[method])
             self.write()
             return self.done[method]
-        print(f"\nbenchmark: {method} ...", flush=True)
-        t = time.time()
-        try:
-            row = {"method": method, **fn()}
-        except Exception as e:  # keep going: one failed row must not cost the others
-            traceback.print_exc()
-            row = {"method": method, "error": f"{type(e).__name__}: {e}"}
-        row["row_s"] = round(time.time() - t, 1)
+        row = run_row(method, fn)
         self.rows.append(row)
         self.write()
         _free()
@@ -241,6 +234,20 @@ class Bench:
         if errors:
             md += ["", "Errors:", *errors]
         (self.out / "benchmark.md").write_text("\n".join(md) + "\n")
+
+
+def run_row(method: str, fn, tool: str = "benchmark") -> Dict[str, Any]:
+    """One table row: {"method": method, **fn()} and its wall time; a failure becomes an error row, so one failed
+    row does not cost the others."""
+    print(f"\n{tool}: {method} ...", flush=True)
+    t = time.time()
+    try:
+        row = {"method": method, **fn()}
+    except Exception as e:
+        traceback.print_exc()
+        row = {"method": method, "error": f"{type(e).__name__}: {e}"}
+    row["row_s"] = round(time.time() - t, 1)
+    return row
 
 
 def _num(v) -> float:
