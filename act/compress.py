@@ -30,7 +30,7 @@ from act.config import RunConfig, load_config, validate_config
 from act.data import (InfiniteLoader, as_model_input, build_loader, iterations_for, load_images, resolve_source,
                       split_holdout)
 from act import dist as D
-from act.pipeline import build_train_loader, set_position
+from act.pipeline import build_train_loader, close_loader, set_position
 from act.distill import DistillLoss, FeatureCapture, find_nodes
 from act.errors import ActError, ConfigError, DataError, Interrupted, ResourceError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
@@ -753,6 +753,8 @@ class AutoCompression:
         finally:
             stop.__exit__(None, None, None)
             bar.close()
+            batches.close()  # drops this run's loader iterator ...
+            close_loader(self.loader)  # ... and stops persistent workers (they ignore the group's stop signals)
         self.loss_history = losses[: it - start].tolist()
         if interrupted is not None:
             self._stop_early(interrupted, it, log)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from act.data import UnlabeledImages, collate, read_image
 from act.errors import ConfigError
-from act.signals import worker_ignore_sigint
+from act.signals import worker_ignore_stop_signals
 
 
 def cpu_cores() -> int:
@@ -121,10 +121,22 @@ def build_train_loader(cfg, paths: Sequence[Path], seed: int = 0, rank: int = 0,
     g.manual_seed(seed * 7919 + rank * 104729 + start)
     pin = cfg.pin_memory if cfg.pin_memory is not None else device_type == "cuda"
     extra = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": cfg.persistent_workers,
-             "worker_init_fn": worker_ignore_sigint} if workers else {}
+             "worker_init_fn": worker_ignore_stop_signals} if workers else {}
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=pin and torch.cuda.is_available(), drop_last=False, generator=g, **extra)
     return loader
+
+
+def close_loader(loader) -> None:
+    """Stop a DataLoader's worker processes now (they keep running with persistent_workers until the loader is
+    collected). The workers ignore SIGINT/SIGTERM sent to the whole process group (signals.worker_ignore_stop_signals),
+    so they must be told to exit through the loader's own shutdown rather than by multiprocessing's exit-time SIGTERM.
+    torch has no public call for this: `_shutdown_workers` is what the iterator's own __del__ runs."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    if isinstance(loader, DataLoader):
+        loader._iterator = None
 
 
 def set_position(loader: DataLoader, start: int, seed: int = 0, rank: int = 0) -> None:

@@ -68,7 +68,9 @@ class StopSignals:
         self.restore()
 
 
-def worker_ignore_sigint(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group; the workers keep serving while the main
-    process finishes its step and saves, then it shuts them down."""
+def worker_ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C (SIGINT) reaches the whole foreground process group, and `timeout`, Slurm
+    and friends send SIGTERM to the whole group too. The workers keep serving while the main process finishes its
+    step and saves, then it shuts them down (and a worker whose main process died exits on its own)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

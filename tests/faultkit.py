@@ -68,8 +68,10 @@ def run(cmd: List[str], cwd: Path, timeout: float = 300) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, timeout=timeout)
 
 
-def popen(cmd: List[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=cwd)
+def popen(cmd: List[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """new_session: the child leads its own process group (to signal it and its loader workers together)."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=cwd,
+                            start_new_session=new_session)
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 240) -> List[str]:

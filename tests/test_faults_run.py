@@ -2,6 +2,7 @@
 SIGTERM and SIGKILL (in the middle of writing a checkpoint), then resumed: the resumed run must end in the
 bit-identical state of an uninterrupted run. Also the resume rules (changed config, another run's folder)."""
 
+import os
 import re
 import shlex
 import shutil
@@ -67,6 +68,24 @@ def test_signal_finishes_step_saves_last_and_prints_resume(tmp_path, images, ref
         r = _resume_from_message(stderr, tmp_path)
         assert f"resuming {out} at iteration {stopped}/{ITERS}" in r.stdout
         assert_same_state(reference / "last.pt", out / "last.pt")
+
+
+def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tmp_path, images):
+    """`timeout`, Slurm and a terminal's Ctrl-C signal every process of the group, loader workers included: the
+    workers must keep serving until the main process has finished its step and saved (they used to die at once and
+    the run crashed with 'DataLoader worker ... killed by signal: Terminated' instead of saving)."""
+    cfg = write_config(tmp_path / "c.yaml", fault_config(tmp_path / "run", images, ITERS))
+    proc = popen(act_cmd("compress", "--config", str(cfg), "data.workers=2", launcher=["--step-delay", "0.2"]),
+                 tmp_path, new_session=True)
+    wait_for_line(proc, "act-test: step 3")
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    reg.fault("SIGTERM to the process group, 2 loader workers")
+    assert proc.returncode == 143, stderr[-3000:]
+    assert reg.output(stdout, stderr)
+    m = re.search(rf"stopped by SIGTERM at iteration (\d+)/{ITERS}; last.pt saved", stderr)
+    assert m, stderr[-3000:]
+    assert reg.checkpoint(state_of(tmp_path / "run" / "last.pt")["act"]["iteration"] == int(m.group(1)))
 
 
 def test_kill9_while_writing_checkpoint_then_resume_is_bit_identical(tmp_path, images, reference):
