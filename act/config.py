@@ -93,12 +93,22 @@ BranchType = Literal["box", "cls", "kpt", "other"]
 
 class LossSpec(_Section):
     """One distillation loss. `soft_label`: softmax with temperature over `axis`, cross-entropy (KL) to the teacher.
-    `l2`: mean squared error. `bce`: sigmoid cross-entropy with the teacher's sigmoid as soft target."""
+    `l2`: mean squared error. `bce`: sigmoid cross-entropy with the teacher's sigmoid as soft target.
+    `weighting`: `uniform` averages over every anchor position; `teacher_score` weights each position by the teacher's
+    class score there (its highest sigmoid class probability at the same pyramid level), so the box / keypoint loss
+    is spent where the model's outputs are used, not on background anchors whose boxes and keypoints are discarded."""
 
     type: Literal["soft_label", "l2", "bce"]
     temperature: float = Field(1.0, gt=0)
     axis: Literal["channel", "spatial", "dfl"] = "channel"
     weight: float = Field(1.0, ge=0)
+    weighting: Literal["uniform", "teacher_score"] = "uniform"
+
+    @model_validator(mode="after")
+    def _weighting_per_position(self):
+        if self.weighting == "teacher_score" and self.type == "soft_label" and self.axis == "spatial":
+            raise ValueError("weighting teacher_score needs a loss per anchor position (axis channel or dfl)")
+        return self
 
 
 def _default_losses() -> Dict[str, LossSpec]:
@@ -117,9 +127,21 @@ class DistillConfig(_Section):
     losses: Dict[BranchType, LossSpec] = Field(default_factory=_default_losses, description="loss per branch type")
     node_weights: Dict[str, float] = Field(default_factory=dict, description="module name -> extra weight")
 
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _start_from_defaults(cls, v):
+        """A branch's keys override its default loss (`losses: {kpt: {weight: 2}}` keeps type l2)."""
+        if not isinstance(v, dict):
+            return v
+        defaults = _default_losses()
+        return {k: ({**defaults[k].model_dump(), **spec} if isinstance(spec, dict) and k in defaults else spec)
+                for k, spec in v.items()}
+
     @field_validator("losses")
     @classmethod
     def _fill_defaults(cls, v):
+        if "cls" in v and v["cls"].weighting != "uniform":
+            raise ValueError("cls.weighting: expected 'uniform' (the class branch must learn the background too)")
         merged = _default_losses()
         merged.update(v)
         return merged
@@ -452,6 +474,11 @@ class PruneStage(_Stage):
                              "onnxruntime / TensorRT kernels); null: any width")
     ignore: List[str] = Field(default_factory=list,
                               description="module-name globs (or 're:' regexes) whose output channels stay")
+    keep_branches: List[Literal["box", "cls", "kpt"]] = Field(
+        default_factory=list, description="head branches whose convs all keep their width (the model family knows "
+                                          "which modules they are), e.g. [kpt]: the keypoint branch's hidden convs "
+                                          "are no wider than its 51 outputs (docs/pruning.md); the other layers then "
+                                          "lose more to meet the target")
     bias_compensation: bool = Field(
         True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias "
                           "(BN-folded students only: a BatchNorm in train mode re-centres by itself)")

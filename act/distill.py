@@ -70,9 +70,10 @@ def _split_dfl(x: torch.Tensor, reg_max: int) -> torch.Tensor:
     return x.view(b, 4, c // 4, h, w)  # (B, 4 sides, bins, H, W)
 
 
-def soft_label_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, axis: str, reg_max: int = 16):
+def soft_label_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, axis: str, reg_max: int = 16,
+                    per_position: bool = False):
     """KL(teacher || student) of softmax(x / T) over `axis`, times T^2 (cross-entropy minus the teacher's entropy:
-    same gradient, and 0 when they agree)."""
+    same gradient, and 0 when they agree). per_position: (B, H, W) map instead of the mean (axis channel / dfl)."""
     s, t = s.float(), t.float()
     if axis == "dfl":
         s, t, dim = _split_dfl(s, reg_max), _split_dfl(t, reg_max), 2
@@ -82,20 +83,35 @@ def soft_label_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, axis: 
         s, t, dim = s.flatten(2), t.flatten(2), 2
     log_ps = F.log_softmax(s / temperature, dim=dim)
     log_pt = F.log_softmax(t / temperature, dim=dim)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=dim)
-    return kl.mean() * temperature**2
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=dim) * temperature**2
+    if per_position:
+        return kl.mean(dim=1) if axis == "dfl" else kl  # dfl: (B, 4 sides, H, W) -> mean of the sides
+    return kl.mean()
 
 
-def sigmoid_soft_label_loss(s: torch.Tensor, t: torch.Tensor, temperature: float):
+def sigmoid_soft_label_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, per_position: bool = False):
     """Binary KL between sigmoid(t / T) and sigmoid(s / T), per element, times T^2."""
     s, t = s.float() / temperature, t.float() / temperature
     pt = torch.sigmoid(t)
-    kl = pt * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - pt) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-    return kl.mean() * temperature**2
+    kl = (pt * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - pt) * (F.logsigmoid(-t) - F.logsigmoid(-s))) * temperature**2
+    return kl.mean(dim=1) if per_position else kl.mean()
 
 
-def l2_loss(s: torch.Tensor, t: torch.Tensor):
+def l2_loss(s: torch.Tensor, t: torch.Tensor, per_position: bool = False):
+    if per_position:
+        return (s.float() - t.float()).pow(2).mean(dim=1)
     return F.mse_loss(s.float(), t.float())
+
+
+def teacher_score_weights(cls_logits: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) weight of each anchor position: the teacher's highest sigmoid class probability there."""
+    return torch.sigmoid(cls_logits.detach().float()).amax(dim=1)
+
+
+def weighted_mean(per_position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted average over positions; the denominator is at least 1 (one confident anchor), so a batch with no
+    object at this level contributes little instead of magnifying its background."""
+    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 class DistillLoss(nn.Module):
@@ -106,23 +122,39 @@ class DistillLoss(nn.Module):
         self.nodes = nodes
         self.cfg = config
         self.reg_max = reg_max
+        # weighting teacher_score: the class node of each pyramid level supplies the weights of its box/kpt nodes
+        self.score_node = {n.level: n.name for n in nodes if n.branch == "cls" and n.level >= 0}
+        for n in nodes:
+            if self.cfg.losses[n.branch].weighting == "teacher_score" and n.level not in self.score_node:
+                raise ConfigError(f"invalid config:\n  distill.losses.{n.branch}.weighting: teacher_score needs a class "
+                                  f"branch node at the same level as {n.name} (distill.nodes: auto finds them)")
 
-    def node_loss(self, node: Node, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def node_loss(self, node: Node, s: torch.Tensor, t: torch.Tensor,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         spec = self.cfg.losses[node.branch]
+        per_position = weights is not None
         if spec.type == "soft_label":
             axis = spec.axis
             if axis == "dfl" and s.shape[1] % 4:
                 axis = "channel"
-            return soft_label_loss(s, t, spec.temperature, axis, self.reg_max)
-        if spec.type == "bce":
-            return sigmoid_soft_label_loss(s, t, spec.temperature)
-        return l2_loss(s, t)
+            loss = soft_label_loss(s, t, spec.temperature, axis, self.reg_max, per_position)
+        elif spec.type == "bce":
+            loss = sigmoid_soft_label_loss(s, t, spec.temperature, per_position)
+        else:
+            loss = l2_loss(s, t, per_position)
+        return weighted_mean(loss, weights) if per_position else loss
 
     def forward(self, student_out: Dict[str, torch.Tensor], teacher_out: Dict[str, torch.Tensor]):
         per_node: Dict[str, torch.Tensor] = {}
         total: Optional[torch.Tensor] = None
+        scores: Dict[int, torch.Tensor] = {}
         for node in self.nodes:
-            loss = self.node_loss(node, student_out[node.name], teacher_out[node.name])
+            weights = None
+            if self.cfg.losses[node.branch].weighting == "teacher_score":
+                if node.level not in scores:
+                    scores[node.level] = teacher_score_weights(teacher_out[self.score_node[node.level]])
+                weights = scores[node.level]
+            loss = self.node_loss(node, student_out[node.name], teacher_out[node.name], weights)
             w = self.cfg.losses[node.branch].weight * self.cfg.node_weights.get(node.name, 1.0)
             per_node[node.name] = loss.detach()
             total = loss * w if total is None else total + loss * w

@@ -100,7 +100,7 @@ class StructuredPruner:
         st = self.stage
         p = next(model.parameters())
         example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
-        ignored = list(self.family.prune_ignored(model)) + self._ignored_by_name(model)
+        ignored = list(self.family.prune_ignored(model, st.keep_branches)) + self._ignored_by_name(model)
         try:
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=importance_for(st.importance, have_grads),

@@ -3,7 +3,7 @@ the C2f/C3k2 chunk split made prunable, the modules whose channels stay, the for
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -77,11 +77,20 @@ def split_c2f_blocks(model: nn.Module) -> int:
     return n
 
 
-def prune_ignored(family, model: nn.Module) -> List[nn.Module]:
+def prune_ignored(family, model: nn.Module, keep_branches: Sequence[str] = ()) -> List[nn.Module]:
     """Modules whose output channels stay: the last conv of every head branch (the distillation nodes, whose widths
-    are the box bins / classes / keypoints), the DFL decode, attention blocks (see UNPRUNABLE_TYPES)."""
+    are the box bins / classes / keypoints), the DFL decode, attention blocks (see UNPRUNABLE_TYPES), and every conv
+    of the head branches named in keep_branches (box / cls / kpt; e.g. the keypoint branch, whose hidden convs have
+    as many channels as its 51 outputs)."""
+    from teachers.ultralytics_yolo import BRANCHES
+
     names = {n for n, _, _ in family.head_branches(model)}
     out = [m for n, m in model.named_modules() if n in names or type(m).__name__ in UNPRUNABLE_TYPES]
+    head = family.head(model)
+    for attr, kind in BRANCHES.items():
+        branch = getattr(head, attr, None)
+        if kind in keep_branches and branch is not None:
+            out += [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
     return out
 
 

@@ -162,10 +162,10 @@ class UltralyticsYOLO:
 
 
     # ---- structured pruning (act.prune; details in teachers/ultralytics_prune.py) ----------------------------------
-    def prune_ignored(self, model: nn.Module) -> List[nn.Module]:
+    def prune_ignored(self, model: nn.Module, keep_branches=()) -> List[nn.Module]:
         from teachers.ultralytics_prune import prune_ignored
 
-        return prune_ignored(self, model)
+        return prune_ignored(self, model, keep_branches)
 
     def prepare_for_pruning(self, model: nn.Module) -> nn.Module:
         from teachers.ultralytics_prune import split_c2f_blocks

@@ -65,3 +65,31 @@ def test_losses_zero_when_equal_positive_otherwise():
     s = {k: v + 0.3 * torch.randn_like(v) for k, v in t.items()}
     total, per = loss(s, t)
     assert all(float(v) > 0 for v in per.values())
+
+
+def test_teacher_score_weighting_spends_the_box_and_keypoint_loss_on_detected_objects():
+    from act.config import DistillConfig
+    from act.distill import DistillLoss, Node
+
+    nodes = [Node("a", "box", 0), Node("b", "cls", 0), Node("c", "kpt", 0)]
+    weighted = DistillLoss(nodes, DistillConfig(losses={"box": {"weighting": "teacher_score"},
+                                                        "kpt": {"weighting": "teacher_score"}}))
+    uniform = DistillLoss(nodes, DistillConfig())
+    cls = torch.full((2, 1, 8, 8), -9.0)  # background everywhere (score 1e-4) ...
+    cls[0, 0, 2, 3] = 6.0  # ... but one confident object
+    t = {"a": torch.randn(2, 64, 8, 8), "b": cls, "c": torch.randn(2, 51, 8, 8)}
+    bg_wrong = {k: v.clone() for k, v in t.items()}
+    fg_wrong = {k: v.clone() for k, v in t.items()}
+    for k in ("a", "c"):
+        bg_wrong[k][1] += 2.0 * torch.randn_like(bg_wrong[k][1])  # the student is off on the object-free image
+        fg_wrong[k][0, :, 2, 3] += 2.0 * torch.randn_like(fg_wrong[k][0, :, 2, 3])  # ... or at the object only
+    _, per_bg = weighted(bg_wrong, t)
+    _, per_fg = weighted(fg_wrong, t)
+    _, uni_bg = uniform(bg_wrong, t)
+    _, uni_fg = uniform(fg_wrong, t)
+    for k in ("a", "c"):
+        assert float(per_bg[k]) < 0.01 * float(per_fg[k])  # weighted: background errors barely count
+        assert float(uni_bg[k]) > 10 * float(uni_fg[k])  # uniform: the 64x larger background area dominates
+    assert float(per_bg["b"]) == float(uni_bg["b"]) == 0.0  # the class loss is the same either way
+    with pytest.raises(Exception, match="cls.weighting"):
+        DistillConfig(losses={"cls": {"weighting": "teacher_score"}})

@@ -58,6 +58,30 @@ def test_head_outputs_and_decode_are_not_pruned(staged):
     shrunk = [n for n in convs if n in teacher and convs[n] < teacher[n]]
     assert len(shrunk) > 30  # pruned all over, C2f halves included (cv0/cv1 are the split cv1)
     assert any(n.endswith(".cv0.conv") for n in convs if convs[n] < 64)
+    # keep_branches is empty by default: the hidden convs of every branch are pruned too
+    assert any(w < 51 for n, w in convs.items() if n.startswith("model.23.cv4.") and not n.endswith(".2"))
+    assert any(w < 64 for n, w in convs.items() if n.startswith("model.23.cv2.") and not n.endswith(".2"))
+
+
+@pytest.mark.parametrize("keep", [[], ["kpt"], ["kpt", "box"]])
+def test_keep_branches_decides_which_head_branches_keep_their_width(teacher_path, keep):
+    from act.compress import load_frozen
+    from act.config import PruneStage
+    from act.prune import StructuredPruner
+
+    model, family, _ = load_frozen(teacher_path)
+    model = model.float().requires_grad_(True)
+    full = model_cost(model, 160)[0]
+    StructuredPruner(family, PruneStage(type="prune", target=0.7, keep_branches=keep), imgsz=160).prune_to(model,
+                                                                                                           0.7 * full)
+    hidden = {n: m.out_channels for n, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and n.startswith("model.23.cv") and not n.endswith(".2")}
+    for branch, attr, width in (("kpt", "cv4", 51), ("box", "cv2", 64)):
+        widths = [w for n, w in hidden.items() if n.startswith(f"model.23.{attr}.")]
+        assert len(widths) == 6
+        assert (min(widths) == width) == (branch in keep), (branch, widths)
+    # the rest of the network takes the cut (with round_to 8 the nearest MACs stair may be 5-7% off the target)
+    assert abs(model_cost(model, 160)[0] / full - 0.7) <= 0.08 * 0.7
 
 
 def test_pruned_and_quantized_models_run_and_load_in_ultralytics(staged, assets_dir):

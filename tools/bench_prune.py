@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--importance", choices=["l1", "l2", "group_norm", "lamp", "taylor"], default=None,
                    help="default: the recipe's")
     p.add_argument("--prune-iters", type=int, default=None, help="prune stage iterations, pruning steps included "
-                                                                 "(default 2000; --quick 4)")
+                                                                 "(default: the recipe's; --quick 4)")
     p.add_argument("--prune-steps", type=int, default=None, help="pruning steps (default 2; --quick 2)")
     p.add_argument("--step-iters", type=int, default=None, help="distillation iterations between pruning steps "
                                                                 "(default 200; --quick 2)")
@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--onnx-device", default="cpu", help="device for onnxruntime rows (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue the staged run in OUT/runs/prune_qat (act's own "
                                                          "--resume: finished stages are kept), then evaluate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for the staged run, e.g. distill.losses.kpt.weighting=teacher_score "
+                        "(repeatable)")
     return p.parse_args(argv)
 
 
@@ -126,7 +129,6 @@ class PruneBench:
         a, q = self.args, self.args.quick
         o = self.b.common("prune_qat") + ["eval.metric=fidelity_pose_map50_95",
                                           f"export.latency_runs={self.latency_runs}"]
-        p_iters = a.prune_iters or (4 if q else 2000)
         steps = a.prune_steps or 2
         step_iters = a.step_iters or (2 if q else 200)
         q_iters = a.quant_iters or (2 if q else 300)
@@ -134,6 +136,7 @@ class PruneBench:
         stages = raw["stages"]
         prune = next(s for s in stages if s["type"] == "prune")
         quant = next(s for s in stages if s["type"] == "quant")
+        p_iters = a.prune_iters or (4 if q else prune.get("train", {}).get("iterations", 2000))
         prune.update(target=a.target, steps=steps, step_iterations=step_iters)
         if a.scope:
             prune["scope"] = a.scope
@@ -151,6 +154,7 @@ class PruneBench:
             o += ["data.batch_size=2", "export.parity_images=2", "train.log_every=1", "quant.calib_batches=2"]
         if a.batch:
             o.append(f"data.batch_size={a.batch}")
+        o += a.set
         t = time.time()
         resume = a.resume and (self.out / "runs" / "prune_qat" / "stages.json").is_file()
         s = AutoCompression(raw, overrides=o).run(resume=resume, exist_ok=True)
