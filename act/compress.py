@@ -315,6 +315,12 @@ class AutoCompression:
             if isinstance(src, InfiniteLoader):
                 return
 
+    def _close_data(self, batches) -> None:
+        """End of training (or an error before it): drop the loader iterator and stop its workers now. They ignore
+        the stop signals sent to the process group, so the run stops them rather than exit-time SIGTERMs."""
+        batches.close()
+        close_loader(self.loader)
+
     def _note_skipped(self, bad: List[str]) -> None:
         """Record unusable images ("path\treason"), once each, in the run state and in skipped_images.txt."""
         bad = [b if "\t" in b else f"{b}\t{getattr(b, 'reason', 'unreadable')}" for b in bad]
@@ -674,6 +680,7 @@ class AutoCompression:
             self.guard.snapshot(start)
         except BaseException:
             stop.__exit__(None, None, None)
+            self._close_data(batches)
             raise
 
         self.student.train()
@@ -753,8 +760,7 @@ class AutoCompression:
         finally:
             stop.__exit__(None, None, None)
             bar.close()
-            batches.close()  # drops this run's loader iterator ...
-            close_loader(self.loader)  # ... and stops persistent workers (they ignore the group's stop signals)
+            self._close_data(batches)
         self.loss_history = losses[: it - start].tolist()
         if interrupted is not None:
             self._stop_early(interrupted, it, log)

@@ -69,6 +69,23 @@ def test_folder_with_only_broken_images_is_a_clear_error(tmp_path, broken, capsy
     assert len((tmp_path / "run" / "skipped_images.txt").read_text().splitlines()) == len(broken["skipped"]) + 1
 
 
+def test_an_error_before_training_with_loader_workers_exits_promptly(tmp_path, broken):
+    """The train loader's workers ignore the process group's stop signals, so the run must stop them itself also
+    when it fails before its first step (here: every image broken, found while calibrating), or the interpreter's exit
+    would wait for them forever."""
+    from faultkit import act_cmd, run
+
+    folder = tmp_path / "all_broken"
+    folder.mkdir()
+    for p in broken["skipped"].values():
+        (folder / p.name).write_bytes(p.read_bytes())
+    cfg = write_config(tmp_path / "c.yaml", fault_config(tmp_path / "run", folder))
+    r = run(act_cmd("compress", "--config", str(cfg), "data.workers=2"), tmp_path, timeout=180)
+    reg.bad_input("folder of only broken images, 2 loader workers")
+    assert r.returncode == 2 and reg.output(r.stdout, r.stderr)
+    assert "images could be used" in r.stderr
+
+
 @pytest.mark.parametrize("content", ["nothing", "text files"])
 def test_empty_image_folder(tmp_path, capsys, content):
     folder = tmp_path / "imgs"
