@@ -130,21 +130,21 @@ class DistillConfig(_Section):
     @field_validator("losses", mode="before")
     @classmethod
     def _start_from_defaults(cls, v):
-        """A branch's keys override its default loss (`losses: {kpt: {weight: 2}}` keeps type l2)."""
+        """Every branch starts from its default loss; keys given override it (`losses: {kpt: {weight: 2}}` keeps
+        type l2), branches not given keep theirs."""
         if not isinstance(v, dict):
             return v
-        defaults = _default_losses()
-        return {k: ({**defaults[k].model_dump(), **spec} if isinstance(spec, dict) and k in defaults else spec)
-                for k, spec in v.items()}
+        merged: Dict[str, Any] = _default_losses()
+        for k, spec in v.items():
+            merged[k] = {**merged[k].model_dump(), **spec} if isinstance(spec, dict) and k in merged else spec
+        return merged
 
     @field_validator("losses")
     @classmethod
-    def _fill_defaults(cls, v):
-        if "cls" in v and v["cls"].weighting != "uniform":
+    def _cls_uniform(cls, v):
+        if v["cls"].weighting != "uniform":
             raise ValueError("cls.weighting: expected 'uniform' (the class branch must learn the background too)")
-        merged = _default_losses()
-        merged.update(v)
-        return merged
+        return v
 
 
 class WeightQuantConfig(_Section):
