@@ -31,7 +31,7 @@ from act.data import (InfiniteLoader, as_model_input, build_loader, iterations_f
                       split_holdout)
 from act import dist as D
 from act.pipeline import build_train_loader, close_loader, set_position
-from act.distill import DistillLoss, FeatureCapture, find_nodes
+from act.distill import DistillLoss, FeatureCapture, channel_map, find_feature_nodes, find_nodes
 from act.errors import ActError, ConfigError, DataError, Interrupted, ResourceError
 from act.evaluate import CocoEvaluator, EvalContext, default_metric, load_callback
 from act.export import export_onnx, lint_after_export, parity, qdq_summary
@@ -145,21 +145,27 @@ class AutoCompression:
         self.task = self.family.task(self.teacher)
         self.student = self.build_student()
         self.nodes = find_nodes(self.teacher, self.family, cfg.distill.nodes)
+        self.feature_nodes = find_feature_nodes(self.teacher, self.family, cfg.distill.features)
         head = self.family.head(self.teacher)
-        self.loss_fn = DistillLoss(self.nodes, cfg.distill, reg_max=getattr(head, "reg_max", 16))
+        self.loss_fn = DistillLoss(self.nodes + self.feature_nodes, cfg.distill, reg_max=getattr(head, "reg_max", 16))
+        self.loss_fn.set_channel_maps(channel_map(self.student))
         self.teacher.to(self.device)
         self.student.to(self.device)
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
-        names = [n.name for n in self.nodes]
+        names = self.capture_names()
         self.t_capture = FeatureCapture(self.teacher, names)
         self.s_capture = FeatureCapture(self.student, names)
         if self.dist.enabled:
             for q in Q.activation_quantizers(self.student).values():
                 q.reduce_fn = D.all_reduce_max  # identical moving averages on every rank
         self.setup_train_model()
+
+    def capture_names(self) -> List[str]:
+        """Modules whose outputs the loss reads: the distillation nodes, then the feature nodes."""
+        return [n.name for n in self.nodes + self.feature_nodes]
 
     def _dist(self) -> "D.Dist":
         if getattr(self, "dist", None) is None:

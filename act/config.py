@@ -88,7 +88,7 @@ class DataConfig(_Section):
         return self.augment or None
 
 
-BranchType = Literal["box", "cls", "kpt", "other"]
+BranchType = Literal["box", "cls", "kpt", "other", "feature"]
 
 
 class LossSpec(_Section):
@@ -117,6 +117,7 @@ def _default_losses() -> Dict[str, LossSpec]:
         "cls": LossSpec(type="bce"),
         "kpt": LossSpec(type="l2"),
         "other": LossSpec(type="l2"),
+        "feature": LossSpec(type="l2"),
     }
 
 
@@ -126,6 +127,11 @@ class DistillConfig(_Section):
     )
     losses: Dict[BranchType, LossSpec] = Field(default_factory=_default_losses, description="loss per branch type")
     node_weights: Dict[str, float] = Field(default_factory=dict, description="module name -> extra weight")
+    features: Union[Literal["auto"], List[str]] = Field(
+        default_factory=list,
+        description="feature maps distilled too (loss: losses.feature, L2 relative to the teacher's mean square): "
+                    "'auto': the neck outputs the head reads, one per pyramid level; or module names; [] none. A "
+                    "pruned student's channels are matched to the teacher channels they were kept from")
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -141,9 +147,11 @@ class DistillConfig(_Section):
 
     @field_validator("losses")
     @classmethod
-    def _cls_uniform(cls, v):
+    def _branch_rules(cls, v):
         if v["cls"].weighting != "uniform":
             raise ValueError("cls.weighting: expected 'uniform' (the class branch must learn the background too)")
+        if v["feature"].type != "l2":
+            raise ValueError("feature.type: expected 'l2' (feature maps are compared channel for channel)")
         return v
 
 
@@ -469,6 +477,10 @@ class PruneStage(_Stage):
                                 "iterations / steps (the rest, after the last step, fine-tunes)")
     taylor_batches: int = Field(4, ge=1, description="distillation batches whose gradients feed Taylor importance")
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="no layer loses more than this share of channels")
+    close_gap: bool = Field(
+        True, description="scope uniform: where round_to's staircase leaves the MACs (params) more than 2% above a "
+                          "step's goal, a pass with one global ranking over the layers outside the head removes the "
+                          "rest (a few channel groups of the least important layers) instead of stopping short")
     round_to: Optional[int] = Field(
         8, ge=2, description="keep channel counts multiples of this (odd widths run slower than the unpruned model in "
                              "onnxruntime / TensorRT kernels); null: any width")
@@ -564,15 +576,23 @@ class RunConfig(_Section):
 
 
 def _set_dotted(d: Dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts; a number indexes a list that is there (`stages.0.target`)."""
     keys = dotted.split(".")
-    cur = d
-    for i, k in enumerate(keys[:-1]):
-        if cur.get(k) is None:
+    cur: Any = d
+    for i, k in enumerate(keys):
+        where = ".".join(keys[: i + 1])
+        if isinstance(cur, list):
+            if not k.isdigit() or int(k) >= len(cur):
+                raise ConfigError(f"override {dotted!r}: {where}: expected an index below {len(cur)} "
+                                  f"({'.'.join(keys[:i])} is a list of {len(cur)})")
+            k = int(k)
+        elif not isinstance(cur, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} is not a section")
+        if i == len(keys) - 1:
+            cur[k] = value
+        elif isinstance(cur, dict) and cur.get(k) is None:
             cur[k] = {}
-        if not isinstance(cur[k], dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
         cur = cur[k]
-    cur[keys[-1]] = value
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:

@@ -1,7 +1,10 @@
 """Label-free distillation: capture the teacher's and student's outputs at chosen nodes and compare them.
 
 Nodes default to the last conv of each head branch (found by the model family); each node gets the loss of its
-branch type (box: soft-label over the DFL bins, cls: sigmoid soft-label, kpt: L2), weighted per node.
+branch type (box: soft-label over the DFL bins, cls: sigmoid soft-label, kpt: L2), weighted per node. Feature nodes
+(`distill.features`, e.g. the neck outputs the head reads) add an L2 loss on intermediate feature maps, relative to
+the teacher's mean square there; a pruned student's feature channels are compared with the teacher channels they
+were kept from (the channel map a prune stage records, see `channel_map`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from act.errors import ConfigError
+from act.errors import ActError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,40 @@ def find_nodes(model: nn.Module, family, spec="auto") -> List[Node]:
     if missing:
         raise ConfigError(f"invalid config:\n  distill.nodes: no module named {missing} in the model")
     return [known.get(n, Node(n, "other")) for n in spec]
+
+
+def find_feature_nodes(model: nn.Module, family, spec) -> List[Node]:
+    """`distill.features`: [] -> none; 'auto' -> the family's feature nodes (for Ultralytics the neck outputs the head
+    reads, one per pyramid level); a list of names -> those modules."""
+    if not spec:
+        return []
+    if spec == "auto":
+        return [Node(n, "feature", lvl) for n, lvl in family.feature_nodes(model)]
+    names = dict(model.named_modules())
+    missing = [n for n in spec if n not in names]
+    if missing:
+        raise ConfigError(f"invalid config:\n  distill.features: no module named {missing} in the model")
+    return [Node(n, "feature") for n in spec]
+
+
+CHANNEL_MAP_ATTR = "act_channel_map"
+
+
+def channel_map(model: nn.Module) -> Dict[str, List[int]]:
+    """{feature module name: the teacher's index of each of its output channels}, recorded on a pruned student by the
+    prune stage (a module attribute, so checkpoints carry it); empty for a student of the teacher's width."""
+    return getattr(model, CHANNEL_MAP_ATTR, None) or {}
+
+
+def update_channel_map(model: nn.Module, removed: Dict[str, List[int]], widths: Dict[str, int]) -> None:
+    """After a pruning step: drop the removed output channels (indices into the width before the step) from the map
+    of each feature module. `widths`: the modules' widths before the step (the teacher's on the first step)."""
+    maps = dict(channel_map(model))
+    for name, width in widths.items():
+        kept = maps.get(name, list(range(width)))
+        gone = set(removed.get(name, ()))
+        maps[name] = [k for i, k in enumerate(kept) if i not in gone]
+    setattr(model, CHANNEL_MAP_ATTR, maps)
 
 
 class FeatureCapture:
@@ -103,6 +140,15 @@ def l2_loss(s: torch.Tensor, t: torch.Tensor, per_position: bool = False):
     return F.mse_loss(s.float(), t.float())
 
 
+def feature_l2(s: torch.Tensor, t: torch.Tensor, per_position: bool = False):
+    """Squared error relative to the teacher's mean square over the batch: the same scale at every layer (1.0 for a
+    student that outputs zeros)."""
+    s, t = s.float(), t.float()
+    norm = t.detach().pow(2).mean().clamp_min(1e-8)
+    err = (s - t).pow(2)
+    return (err.mean(dim=1) if per_position else err.mean()) / norm
+
+
 def teacher_score_weights(cls_logits: torch.Tensor) -> torch.Tensor:
     """(B, H, W) weight of each anchor position: the teacher's highest sigmoid class probability there."""
     return torch.sigmoid(cls_logits.detach().float()).amax(dim=1)
@@ -124,16 +170,34 @@ class DistillLoss(nn.Module):
         self.reg_max = reg_max
         # weighting teacher_score: the class node of each pyramid level supplies the weights of its box/kpt nodes
         self.score_node = {n.level: n.name for n in nodes if n.branch == "cls" and n.level >= 0}
+        self.channel_maps: Dict[str, torch.Tensor] = {}  # feature node -> teacher channel of each student channel
         for n in nodes:
             if self.cfg.losses[n.branch].weighting == "teacher_score" and n.level not in self.score_node:
                 raise ConfigError(f"invalid config:\n  distill.losses.{n.branch}.weighting: teacher_score needs a class "
                                   f"branch node at the same level as {n.name} (distill.nodes: auto finds them)")
 
+    def set_channel_maps(self, maps: Dict[str, List[int]]) -> None:
+        """The student's channel map (see `channel_map`): feature nodes compare with these teacher channels."""
+        self.channel_maps = {k: torch.as_tensor(v, dtype=torch.long) for k, v in maps.items()}
+
+    def _teacher_channels(self, node: Node, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        idx = self.channel_maps.get(node.name)
+        if idx is not None:
+            if idx.device != t.device:
+                idx = self.channel_maps[node.name] = idx.to(t.device)
+            t = t.index_select(1, idx)
+        if s.shape[1] != t.shape[1]:
+            raise ActError(f"distill.features: {node.name} has {s.shape[1]} channels in the student and "
+                           f"{t.shape[1]} in the teacher, and no channel map says which teacher channels it kept")
+        return t
+
     def node_loss(self, node: Node, s: torch.Tensor, t: torch.Tensor,
                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         spec = self.cfg.losses[node.branch]
         per_position = weights is not None
-        if spec.type == "soft_label":
+        if node.branch == "feature":
+            loss = feature_l2(s, self._teacher_channels(node, s, t), per_position)
+        elif spec.type == "soft_label":
             axis = spec.axis
             if axis == "dfl" and s.shape[1] % 4:
                 axis = "channel"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch_pruning as tp
@@ -96,15 +96,23 @@ class StructuredPruner:
         return self.family.prepare_for_pruning(model)
 
     def _prune_at(self, model: nn.Module, ratio: float, have_grads: bool,
-                  means: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                  means: Optional[Dict[str, torch.Tensor]] = None,
+                  track: Optional[Dict[str, nn.Conv2d]] = None, scope: Optional[str] = None) -> Dict[str, List[int]]:
+        """Prune `model` with torch-pruning's channel ratio `ratio`. Returns, for each conv in `track` (name -> conv),
+        the indices of the output channels it lost."""
         st = self.stage
         p = next(model.parameters())
         example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
-        ignored = list(self.family.prune_ignored(model, st.keep_branches)) + self._ignored_by_name(model)
+        gap_pass = st.scope == "uniform" and scope == "global"
+        # the gap-closing pass leaves the head alone: a global magnitude ranking would take most of it from a few
+        # small head convs (a class-branch conv 48 -> 8 to close a 6% gap)
+        keep = ("box", "cls", "kpt") if gap_pass else st.keep_branches
+        ignored = list(self.family.prune_ignored(model, keep)) + self._ignored_by_name(model)
         try:
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=importance_for(st.importance, have_grads),
-                global_pruning=st.scope == "global", pruning_ratio=ratio, max_pruning_ratio=st.max_layer_ratio,
+                global_pruning=(scope or st.scope) == "global", pruning_ratio=ratio,
+                max_pruning_ratio=st.max_layer_ratio,
                 iterative_steps=1, ignored_layers=ignored, round_to=st.round_to,
                 forward_fn=self.family.prune_forward,
             )
@@ -112,17 +120,27 @@ class StructuredPruner:
             raise ActError(f"torch-pruning could not build the dependency graph of the student: "
                            f"{type(e).__name__}: {e}") from e
         names = {m: n for n, m in model.named_modules()}
+        tracked = {id(conv): name for name, conv in (track or {}).items()}
+        removed: Dict[str, set] = {}
         for group in pruner.step(interactive=True):
             if means:
                 compensate_bias(group, pruner.DG, names, means)
+            for dep, idxs in group:
+                name = tracked.get(id(dep.target.module))
+                if name is not None and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                    removed.setdefault(name, set()).update(int(i) for i in idxs)
             group.prune()
+        return {k: sorted(v) for k, v in removed.items()}
 
     def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
                  images: Optional[torch.Tensor] = None, progress: Optional[Callable[[Dict], None]] = None,
-                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict:
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 track: Optional[Dict[str, nn.Conv2d]] = None) -> Dict:
         """Prune until the stage's metric (macs | params, of one imgsz image) is as close to `target` as the search
-        gets (within `tolerance` unless round_to's staircase has no step there).
-        Returns {macs, params, trials, channel_ratio, importance, reached}."""
+        gets (within `tolerance` unless round_to's staircase has no step there; with scope uniform and close_gap, a
+        global pass then removes what the uniform staircase left above the target).
+        Returns {macs, params, trials, channel_ratio, global_ratio, importance, reached}, and with `track` (name ->
+        conv of `model`) `removed`: name -> the indices of the output channels that conv lost."""
         st = self.stage
         self.prepare(model)
         which = 0 if st.metric == "macs" else 1
@@ -132,6 +150,10 @@ class StructuredPruner:
                 "reached": start <= target * (1 + self.tolerance),
                 "importance": "taylor" if st.importance == "taylor" and have_grads else
                 ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
+        widths = {name: conv.out_channels for name, conv in (track or {}).items()}
+        kept = {name: list(range(w)) for name, w in widths.items()}  # positions (at the start) still there
+        if track:
+            info["removed"] = {}
         if info["reached"]:
             return info
         if have_grads:  # Taylor reads every layer's grad; layers outside the training forward (DFL) have none
@@ -142,7 +164,45 @@ class StructuredPruner:
         means = input_means(model, images) if images is not None and st.bias_compensation else None
         if means and reduce is not None:  # e.g. the mean over DDP ranks
             means = {k: reduce(v) for k, v in means.items()}
-        cap = st.max_layer_ratio
+        passes = [st.scope] + (["global"] if st.scope == "uniform" and st.close_gap else [])
+        cost = start
+        for scope in passes:
+            if scope != st.scope:
+                if cost <= target * (1 + self.tolerance):
+                    break  # the uniform pass got there
+                if means:  # the channels changed: means of the pruned network's inputs
+                    means = input_means(model, images)
+                    if reduce is not None:
+                        means = {k: reduce(v) for k, v in means.items()}
+            trials = self._search(model, target, cost, which, have_grads, means, scope, progress)
+            info["trials"] += len(trials)
+            if len(passes) > 1 and scope == st.scope:  # the gap pass can only remove: stay on the stair above
+                above = [r for r in trials if trials[r] >= target * (1 - self.tolerance)]
+                best = min(above, key=lambda r: trials[r])
+            else:
+                best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
+            info["channel_ratio" if scope == st.scope else "global_ratio"] = round(best, 4)
+            if best > 0:
+                removed = self._prune_at(model, best, have_grads, means, track, scope=scope)
+                for name, gone in removed.items():
+                    kept[name] = [k for i, k in enumerate(kept[name]) if i not in set(gone)]
+                cost = model_cost(model, self.imgsz)[which]
+        final = model_cost(model, self.imgsz)
+        info.update(macs=final[0], params=final[1], reached=abs(final[which] / target - 1) <= self.tolerance)
+        if track:  # relative to the widths this call started from
+            info["removed"] = {name: [i for i in range(widths[name]) if i not in set(kept[name])] for name in kept}
+        model.train(was)
+        model.zero_grad(set_to_none=True)
+        return info
+
+    def _search(self, model: nn.Module, target: float, start: float, which: int, have_grads: bool,
+                means: Optional[Dict[str, torch.Tensor]], scope: str,
+                progress: Optional[Callable[[Dict], None]]) -> Dict[float, float]:
+        """Channel ratio -> cost of trials on deep copies, until one lands within `tolerance` of `target` (a first
+        guess from cost ~ (1 - r)^2, then interpolation inside the bracket of ratios above / below the target).
+        Not pruning at all (ratio 0) is a candidate too: on round_to's staircase the smallest real cut can land much
+        further from a step's target than where the model already is (a 0.8x target from 0.82x jumped to 0.66x)."""
+        cap = self.stage.max_layer_ratio
         trials: Dict[float, float] = {}
         lo, c_lo, hi, c_hi, exponent = 0.0, start, None, None, 2.0
         sides = []
@@ -160,11 +220,11 @@ class StructuredPruner:
             if have_grads:  # deepcopy of a Parameter drops .grad
                 for src, dst in zip(model.parameters(), trial.parameters()):
                     dst.grad = None if src.grad is None else src.grad.clone()
-            self._prune_at(trial, r, have_grads, means)
+            self._prune_at(trial, r, have_grads, means, scope=scope)
             c = trials[r] = model_cost(trial, self.imgsz)[which]
             del trial
             if progress:
-                progress({"channel_ratio": r, "cost": c, "target": target})
+                progress({"channel_ratio": r, "cost": c, "target": target, "scope": scope})
             if abs(c / target - 1) <= self.tolerance:
                 break
             sides.append(c > target)
@@ -178,18 +238,8 @@ class StructuredPruner:
                 hi, c_hi = r, c
             if hi is not None and hi - lo < 0.002:
                 break
-        # not pruning at all is a candidate too: on round_to's staircase the smallest real cut can land much further
-        # from a step's target than where the model already is (a 0.8x target from 0.82x jumped to 0.66x)
         trials.setdefault(0.0, start)
-        best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
-        if best > 0:
-            self._prune_at(model, best, have_grads, means)
-        cost = model_cost(model, self.imgsz)
-        info.update(macs=cost[0], params=cost[1], trials=len(trials), channel_ratio=round(best, 4),
-                    reached=abs(cost[which] / target - 1) <= self.tolerance)
-        model.train(was)
-        model.zero_grad(set_to_none=True)
-        return info
+        return trials
 
     def _ignored_by_name(self, model: nn.Module):
         from act.quant import matches_any

@@ -29,7 +29,7 @@ from act import quant as Q
 from act.checkpoint import atomic_save, load_checkpoint
 from act.compress import AutoCompression, _fmt
 from act.config import RunConfig, SparsityStage, validate_config
-from act.distill import FeatureCapture
+from act.distill import FeatureCapture, channel_map, update_channel_map
 from act.errors import ActError, ConfigError, Interrupted
 from act.latency import ort_latency
 from act.prune import StructuredPruner, accumulate_grads, fold_batchnorm, has_batchnorm, model_cost
@@ -176,8 +176,22 @@ class StageRun(AutoCompression):
             have_grads = loss > 1e-9
         # for bias compensation: input means per channel (a student with BatchNorm re-centres by itself)
         images = None if has_batchnorm(self.student) else self.model_input(next(batches))
+        # the feature nodes' output convs: which of their channels go, so the feature loss keeps matching the
+        # teacher channels that stay (the family names the conv whose output channels are the module's)
+        self.family.prepare_for_pruning(self.student)
+        modules = dict(self.student.named_modules())
+        track = {n.name: self.family.output_conv(modules[n.name]) for n in self.feature_nodes}
+        untracked = [k for k, v in track.items() if v is None]
+        if untracked:
+            raise ConfigError(f"invalid config:\n  distill.features: {untracked}: no conv produces these modules' "
+                              f"channels, so a pruned student's cannot be matched to the teacher's (name the conv "
+                              f"or the block that ends in it)")
+        widths = {k: v.out_channels for k, v in track.items()}
         info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(
-            self.student, target, have_grads=have_grads, images=images, reduce=reduce)
+            self.student, target, have_grads=have_grads, images=images, reduce=reduce, track=track)
+        if track:
+            update_channel_map(self.student, info.pop("removed", {}), widths)
+            self.loss_fn.set_channel_maps(channel_map(self.student))
         self.s_capture.pop()
         self.t_capture.pop()
         info.update(step=k, iteration=it, target=target, time_s=round(time.time() - t0, 2),
@@ -228,7 +242,8 @@ class StageRun(AutoCompression):
                 p.requires_grad_(True)
             if self.channels_last:
                 self.student.to(memory_format=torch.channels_last)
-            self.s_capture = FeatureCapture(self.student, [n.name for n in self.nodes])
+            self.s_capture = FeatureCapture(self.student, self.capture_names())
+            self.loss_fn.set_channel_maps(channel_map(self.student))
             self.setup_train_model()
             self.setup_optimizer()
         self.prune_steps_done = int(st.get("prune_steps_done", 0))

@@ -96,12 +96,18 @@ def prune_ignored(family, model: nn.Module, keep_branches: Sequence[str] = ()) -
 
 def prune_forward(model: nn.Module, x: torch.Tensor):
     """Forward used to trace the graph: training mode, where the head returns its raw branch outputs (no decode, whose
-    box/class split torch-pruning would otherwise have to follow)."""
+    box/class split torch-pruning would otherwise have to follow). BatchNorm running statistics stay as they were
+    (momentum 0 for the trace: the traced input is an all-zero image)."""
     was = model.training
+    bns = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     model.train()
     try:
+        for m, _ in bns:
+            m.momentum = 0.0
         out = model(x)
     finally:
+        for m, momentum in bns:
+            m.momentum = momentum
         model.train(was)
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -100,6 +100,26 @@ class UltralyticsYOLO:
                     raise ModelError(f"{head_name}.{attr}.{level}: expected the branch to end in a Conv2d")
                 out.append((f"{head_name}.{attr}.{level}.{len(seq) - 1}", kind, level))
         return out
+
+    def feature_nodes(self, model: nn.Module) -> List[Tuple[str, int]]:
+        """(module name, level) of the layers whose outputs the head reads (its `f`): the neck output of each pyramid
+        level (yolo11n: model.16 / 19 / 22), the feature maps `distill.features: auto` distills."""
+        head = self.head(model)
+        return [(f"model.{i}", level) for level, i in enumerate(head.f)]
+
+    @staticmethod
+    def output_conv(module: nn.Module) -> Optional[nn.Conv2d]:
+        """The Conv2d whose output channels are `module`'s output channels, or None: a conv itself, an Ultralytics
+        Conv (conv-bn-act), C3 and its kin (cv3), C2f / C3k2 / SPPF (cv2)."""
+        if isinstance(module, nn.Conv2d):
+            return module
+        for attr in ("cv3", "cv2", "conv"):
+            sub = getattr(module, attr, None)
+            if isinstance(sub, nn.Conv2d):
+                return sub
+            if isinstance(getattr(sub, "conv", None), nn.Conv2d) and attr != "conv":
+                return sub.conv
+        return None
 
     @staticmethod
     def _name_of(model: nn.Module, module: nn.Module) -> str:

@@ -12,6 +12,18 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.distill.losses["box"].type == "soft_label" and cfg.distill.losses["box"].axis == "dfl"
 
 
+def test_overrides_index_the_stages_list(tmp_path):
+    raw = tiny_config(tmp_path, stages=[{"type": "prune"}, {"type": "quant"}])
+    cfg = load_config(raw=raw, overrides=["stages.0.keep_branches=[kpt]", "stages.0.target=0.5",
+                                          "stages.1.train.iterations=7"])
+    assert cfg.stages[0].keep_branches == ["kpt"] and cfg.stages[0].target == 0.5
+    assert cfg.stages[1].train.iterations == 7 and cfg.stages[1].type == "quant"
+    with pytest.raises(ConfigError, match="stages.2: expected an index below 2"):
+        load_config(raw=raw, overrides=["stages.2.target=0.5"])
+    with pytest.raises(ConfigError, match="stages.0.targt"):  # then validated as usual
+        load_config(raw=raw, overrides=["stages.0.targt=0.5"])
+
+
 @pytest.mark.parametrize(
     "override, path",
     [

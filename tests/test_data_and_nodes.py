@@ -94,3 +94,31 @@ def test_teacher_score_weighting_spends_the_box_and_keypoint_loss_on_detected_ob
     assert float(per_bg["b"]) == float(uni_bg["b"]) == 0.0  # the class loss is the same either way
     with pytest.raises(Exception, match="cls.weighting"):
         DistillConfig(losses={"cls": {"weighting": "teacher_score"}})
+
+
+def test_feature_loss_compares_a_pruned_students_channels_with_the_teacher_channels_they_were_kept_from():
+    from act.config import DistillConfig
+    from act.distill import DistillLoss, Node
+    from act.errors import ActError
+
+    torch.manual_seed(0)
+    nodes = [Node("b", "cls", 0), Node("f", "feature", 0)]
+    loss = DistillLoss(nodes, DistillConfig(features="auto"))
+    teacher = {"b": torch.zeros(2, 1, 4, 4), "f": torch.randn(2, 8, 4, 4)}
+    kept = [0, 2, 3, 6, 7]
+    student = {"b": teacher["b"], "f": teacher["f"][:, kept].clone()}
+    with pytest.raises(ActError, match="f has 5 channels in the student and 8 in the teacher"):
+        loss(student, teacher)  # no channel map: which 5 of the 8 is unknown
+    loss.set_channel_maps({"f": kept})
+    _, per = loss(student, teacher)
+    assert float(per["f"]) == pytest.approx(0.0, abs=1e-7)
+    loss.set_channel_maps({"f": [0, 1, 2, 3, 4]})  # the wrong teacher channels
+    assert float(loss(student, teacher)[1]["f"]) > 0.5
+    # relative to the teacher's mean square: a student that outputs zeros scores 1 at any feature scale
+    loss.set_channel_maps({"f": kept})
+    for scale in (1e-3, 1.0, 1e3):
+        t = {"b": teacher["b"], "f": teacher["f"] * scale}
+        zero = {"b": teacher["b"], "f": torch.zeros(2, 5, 4, 4)}
+        assert float(loss(zero, t)[1]["f"]) == pytest.approx(1.0, rel=0.3)
+    with pytest.raises(Exception, match="feature.type: expected 'l2'"):
+        DistillConfig(losses={"feature": {"type": "bce"}})

@@ -23,7 +23,7 @@ def _prune_quant_cfg(out, **prune):
     stage = {"type": "prune", "target": 0.6, "steps": 2, "step_iterations": 2, "train": {"iterations": 5, "lr": 1e-4}}
     stage.update(prune)
     return tiny_config(out, stages=[stage, {"type": "quant", "train": {"iterations": 2}}],
-                       export={"parity_images": 2, "latency_runs": 2})
+                       export={"parity_images": 2, "latency_runs": 2}, distill={"features": "auto"})
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,76 @@ def test_head_outputs_and_decode_are_not_pruned(staged):
     # keep_branches is empty by default: the hidden convs of every branch are pruned too
     assert any(w < 51 for n, w in convs.items() if n.startswith("model.23.cv4.") and not n.endswith(".2"))
     assert any(w < 64 for n, w in convs.items() if n.startswith("model.23.cv2.") and not n.endswith(".2"))
+
+
+def test_channel_map_follows_the_kept_channels_through_pruning_steps(teacher_path):
+    """The feature loss compares a pruned student's neck outputs with the teacher channels they were kept from: the
+    map recorded over two pruning steps must point at them (the output conv's bias, untouched by pruning, tells)."""
+    import copy
+
+    from act.compress import load_frozen
+    from act.config import PruneStage
+    from act.distill import channel_map, update_channel_map
+    from act.prune import StructuredPruner
+
+    model, family, _ = load_frozen(teacher_path)
+    model = model.float().requires_grad_(True)
+    family.prepare_for_pruning(model)
+    teacher = copy.deepcopy(model)
+    names = [n for n, _ in family.feature_nodes(model)]
+    assert names == ["model.16", "model.19", "model.22"]
+    full = model_cost(model, 160)[0]
+    passes = []
+    for target in (0.8, 0.6):
+        modules = dict(model.named_modules())
+        track = {n: family.output_conv(modules[n]) for n in names}
+        widths = {n: c.out_channels for n, c in track.items()}
+        stage = PruneStage(type="prune", target=target, keep_branches=["kpt"], ignore=["model.[012].*"])
+        info = StructuredPruner(family, stage, imgsz=160).prune_to(model, target * full, track=track)
+        update_channel_map(model, info["removed"], widths)
+        passes.append(info.get("global_ratio", 0.0) > 0)
+    assert passes == [False, True]  # the second step also ran the gap-closing pass: two removals composed
+    maps, modules, t_modules = channel_map(model), dict(model.named_modules()), dict(teacher.named_modules())
+    for n in names:
+        conv, t_conv = family.output_conv(modules[n]), family.output_conv(t_modules[n])
+        kept = maps[n]
+        assert len(kept) == conv.out_channels < t_conv.out_channels and kept == sorted(set(kept))
+        assert kept != list(range(len(kept)))  # not just the first channels: the map must follow what was removed
+        assert torch.equal(conv.bias, t_conv.bias[kept])
+
+
+def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_path):
+    """With the keypoint branch kept and round_to 8, uniform channel ratios jump across a 0.6x MACs target (from
+    0.67x to 0.55x at 160 px); close_gap prunes the rest with a global ranking outside the head."""
+    import copy
+
+    from act.compress import load_frozen
+    from act.config import PruneStage
+    from act.prune import StructuredPruner
+
+    model, family, _ = load_frozen(teacher_path)
+    model = model.float().requires_grad_(True)
+    full = model_cost(model, 160)[0]
+    pruned = {}
+    for close in (False, True):
+        m = copy.deepcopy(model)
+        stage = PruneStage(type="prune", target=0.6, keep_branches=["kpt"], ignore=["model.[012].*"],
+                           close_gap=close)
+        info = StructuredPruner(family, stage, imgsz=160).prune_to(m, 0.6 * full)
+        pruned[close] = (model_cost(m, 160)[0] / full, info,
+                         {n: c.out_channels for n, c in m.named_modules() if isinstance(c, nn.Conv2d)})
+    uniform, closed = pruned[False], pruned[True]
+    assert abs(uniform[0] / 0.6 - 1) > 0.03 and not uniform[1]["reached"]
+    assert abs(closed[0] / 0.6 - 1) <= 0.02 and closed[1]["reached"] and closed[1]["global_ratio"] > 0
+    # the uniform pass stopped on the stair above the target (the gap pass only removes); what the gap pass took
+    # on top of it: several layers, multiples of round_to, nothing in the head
+    stair = family.prepare_for_pruning(copy.deepcopy(model))
+    StructuredPruner(family, stage, imgsz=160)._prune_at(stair, closed[1]["channel_ratio"], False)
+    assert model_cost(stair, 160)[0] > 0.6 * full * 1.02
+    stair = {n: c.out_channels for n, c in stair.named_modules() if isinstance(c, nn.Conv2d)}
+    cut = [n for n in closed[2] if closed[2][n] < stair[n]]
+    assert len(cut) >= 5 and all((stair[n] - closed[2][n]) % 8 == 0 for n in cut)
+    assert not [n for n in cut if n.startswith("model.23.")]
 
 
 @pytest.mark.parametrize("keep", [[], ["kpt"], ["kpt", "box"]])
@@ -111,6 +181,19 @@ def test_pruned_int8_export_lints_clean(staged):
     assert placement["shared_groups"] > 10  # SplitC2f concats share one scale
     fp32 = json.loads((out / "stages/1_prune/summary.json").read_text())["onnx"]["lint"]
     assert fp32["clean"] and fp32["errors"] == 0 and "not_quantized" in fp32["info_codes"]
+
+
+def test_feature_distillation_follows_the_pruned_channels_into_the_quant_stage(staged):
+    ac, _, out = staged
+    for stage, run in zip(("1_prune", "2_quant"), ac.stage_runs):
+        assert [n.name for n in run.feature_nodes] == ["model.16", "model.19", "model.22"]
+        student = load_checkpoint(out / "stages" / stage / "best.pt")["model"]
+        modules = dict(student.named_modules())
+        maps = student.act_channel_map  # carried by the checkpoint
+        for n in ("model.16", "model.19", "model.22"):
+            width = run.family.output_conv(modules[n]).out_channels
+            assert len(maps[n]) == width < {"model.16": 64, "model.19": 128, "model.22": 256}[n]
+            assert run.loss_fn.channel_maps[n].tolist() == maps[n]
 
 
 def test_summary_reports_each_stage(staged):
