@@ -20,7 +20,7 @@ def test_overrides_index_the_stages_list(tmp_path):
     assert cfg.stages[1].train.iterations == 7 and cfg.stages[1].type == "quant"
     with pytest.raises(ConfigError, match="stages.2: expected an index below 2"):
         load_config(raw=raw, overrides=["stages.2.target=0.5"])
-    with pytest.raises(ConfigError, match="stages.0.targt"):  # then validated as usual
+    with pytest.raises(ConfigError, match="stages.0.prune.targt: unknown key"):  # then validated as usual
         load_config(raw=raw, overrides=["stages.0.targt=0.5"])
 
 
