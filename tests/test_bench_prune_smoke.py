@@ -34,3 +34,4 @@ def test_quick_bench_prune(tmp_path, monkeypatch):
     assert fp32["prune_steps"][-1]["macs_ratio"] == pytest.approx(fp32["macs_ratio"], abs=0.01)
     md = (tmp_path / "bench_prune.md").read_text()
     assert "| method | pose mAP50-95 | pose mAP50 |" in md and "| prune 0.6x MACs + INT8 |" in md
+    assert "Recipe: yolo11n_pose_prune_qat.yaml as committed." in md  # or the --set options that changed it

@@ -199,7 +199,9 @@ class PruneBench:
         md = [f"# act pruning benchmark: yolo11n-pose on coco-pose-mini "
               f"({'quick CPU smoke run' if self.args.quick else 'full'})", "",
               f"Device: {self.b.env['device']}; imgsz {self.b.imgsz}; val images: {self.b.max_images or 'all'}; "
-              f"total {total} s.", "", markdown_table(self.rows, COLUMNS), ""]
+              f"total {total} s.", f"Recipe: {Path(self.args.config).name}"
+              + (f" with {' '.join(f'--set {x}' for x in self.args.set)}." if self.args.set else " as committed."),
+              "", markdown_table(self.rows, COLUMNS), ""]
         if teacher:
             for r in self.rows:
                 if r is not teacher and "pose_map50_95" in r:
