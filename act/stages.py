@@ -117,6 +117,7 @@ class StageRun(AutoCompression):
         super().setup()
         self.teacher_cost = model_cost(self.teacher, self.cfg.data.imgsz)
         if self.stage.type == "prune":
+            self.feature_convs()  # distill.features it could not follow through pruning: fail before any work
             sched = self.prune_schedule()
             if sched[-1] >= self.total_iters:
                 raise ConfigError(
@@ -176,16 +177,7 @@ class StageRun(AutoCompression):
             have_grads = loss > 1e-9
         # for bias compensation: input means per channel (a student with BatchNorm re-centres by itself)
         images = None if has_batchnorm(self.student) else self.model_input(next(batches))
-        # the feature nodes' output convs: which of their channels go, so the feature loss keeps matching the
-        # teacher channels that stay (the family names the conv whose output channels are the module's)
-        self.family.prepare_for_pruning(self.student)
-        modules = dict(self.student.named_modules())
-        track = {n.name: self.family.output_conv(modules[n.name]) for n in self.feature_nodes}
-        untracked = [k for k, v in track.items() if v is None]
-        if untracked:
-            raise ConfigError(f"invalid config:\n  distill.features: {untracked}: no conv produces these modules' "
-                              f"channels, so a pruned student's cannot be matched to the teacher's (name the conv "
-                              f"or the block that ends in it)")
+        track = self.feature_convs()
         widths = {k: v.out_channels for k, v in track.items()}
         info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(
             self.student, target, have_grads=have_grads, images=images, reduce=reduce, track=track)
@@ -210,6 +202,19 @@ class StageRun(AutoCompression):
         print(f"act: pruning step {k}/{st.steps} at iteration {it}: MACs {info['macs_ratio']:.3f}x, params "
               f"{info['params_ratio']:.3f}x of the teacher ({info['importance']} importance, {info['time_s']} s)")
         self._pruning = False
+
+    def feature_convs(self) -> Dict[str, nn.Module]:
+        """Feature node -> the conv that produces its channels (the family knows which), whose removed output
+        channels a pruning step records so the feature loss keeps matching the teacher channels that stay."""
+        self.family.prepare_for_pruning(self.student)
+        modules = dict(self.student.named_modules())
+        track = {n.name: self.family.output_conv(modules[n.name]) for n in self.feature_nodes}
+        untracked = {k: type(modules[k]).__name__ for k, v in track.items() if v is None}
+        if untracked:
+            raise ConfigError(f"invalid config:\n  distill.features: {untracked}: act cannot tell which conv produces "
+                              f"these modules' channels, so a pruned student's cannot be matched to the teacher's "
+                              f"(name a conv, an Ultralytics Conv, or a C2f / C3k2 / C3 / SPPF block)")
+        return track
 
     def _distill_loss(self, images) -> torch.Tensor:
         images = self.model_input(images)

@@ -18,6 +18,10 @@ SUPPORTED_HEADS = ("Detect", "Pose")
 
 # Branch attributes of the head, in the order Ultralytics concatenates them.
 BRANCHES = {"cv2": "box", "cv3": "cls", "cv4": "kpt"}
+# the attribute holding the conv that produces a block's output channels (Conv: its conv; the C2f family and SPPF end
+# in cv2, the C3 family in cv3; SplitC2f is act's prunable C2f, teachers/ultralytics_prune.py)
+OUTPUT_CONV = {"Conv": "conv", "C2f": "cv2", "C3k2": "cv2", "SplitC2f": "cv2", "SPPF": "cv2", "C2PSA": "cv2",
+               "C3": "cv3", "C3k": "cv3", "C3x": "cv3"}
 
 
 class UltralyticsYOLO:
@@ -109,17 +113,16 @@ class UltralyticsYOLO:
 
     @staticmethod
     def output_conv(module: nn.Module) -> Optional[nn.Conv2d]:
-        """The Conv2d whose output channels are `module`'s output channels, or None: a conv itself, an Ultralytics
-        Conv (conv-bn-act), C3 and its kin (cv3), C2f / C3k2 / SPPF (cv2)."""
+        """The Conv2d whose output channels are `module`'s output channels: a conv itself, or the last conv of the
+        Ultralytics blocks in OUTPUT_CONV; None for any other module (its channels cannot be followed)."""
         if isinstance(module, nn.Conv2d):
             return module
-        for attr in ("cv3", "cv2", "conv"):
-            sub = getattr(module, attr, None)
-            if isinstance(sub, nn.Conv2d):
-                return sub
-            if isinstance(getattr(sub, "conv", None), nn.Conv2d) and attr != "conv":
-                return sub.conv
-        return None
+        # by class or base class (quant placement subclasses blocks, e.g. QuantSplitC2f)
+        attr = next((OUTPUT_CONV[c.__name__] for c in type(module).__mro__ if c.__name__ in OUTPUT_CONV), None)
+        sub = getattr(module, attr, None) if attr else None
+        if isinstance(sub, nn.Conv2d):
+            return sub
+        return sub.conv if isinstance(getattr(sub, "conv", None), nn.Conv2d) else None
 
     @staticmethod
     def _name_of(model: nn.Module, module: nn.Module) -> str:

@@ -196,6 +196,14 @@ def test_feature_distillation_follows_the_pruned_channels_into_the_quant_stage(s
             assert run.loss_fn.channel_maps[n].tolist() == maps[n]
 
 
+def test_a_feature_map_whose_channels_cannot_be_followed_fails_before_training(tmp_path):
+    cfg = _prune_quant_cfg(tmp_path)
+    cfg["distill"] = {"features": ["model.16", "model.11"]}  # model.11: the nn.Upsample after SPPF / C2PSA
+    with pytest.raises(ConfigError, match=r"(?s)distill.features: \{'model.11': 'Upsample'\}.*cannot"):
+        AutoCompression(cfg).run()
+    assert not (tmp_path / "stages/1_prune/last.pt").exists()
+
+
 def test_summary_reports_each_stage(staged):
     _, summary, out = staged
     on_disk = json.loads((out / "summary.json").read_text())
