@@ -143,10 +143,7 @@ def l2_loss(s: torch.Tensor, t: torch.Tensor, per_position: bool = False):
 def feature_l2(s: torch.Tensor, t: torch.Tensor, per_position: bool = False):
     """Squared error relative to the teacher's mean square over the batch: the same scale at every layer (1.0 for a
     student that outputs zeros)."""
-    s, t = s.float(), t.float()
-    norm = t.detach().pow(2).mean().clamp_min(1e-8)
-    err = (s - t).pow(2)
-    return (err.mean(dim=1) if per_position else err.mean()) / norm
+    return l2_loss(s, t, per_position) / t.detach().float().pow(2).mean().clamp_min(1e-8)
 
 
 def teacher_score_weights(cls_logits: torch.Tensor) -> torch.Tensor:

@@ -185,12 +185,13 @@ class StructuredPruner:
             if best > 0:
                 removed = self._prune_at(model, best, have_grads, means, track, scope=scope)
                 for name, gone in removed.items():
-                    kept[name] = [k for i, k in enumerate(kept[name]) if i not in set(gone)]
+                    gone = set(gone)
+                    kept[name] = [k for i, k in enumerate(kept[name]) if i not in gone]
                 cost = model_cost(model, self.imgsz)[which]
         final = model_cost(model, self.imgsz)
         info.update(macs=final[0], params=final[1], reached=abs(final[which] / target - 1) <= self.tolerance)
         if track:  # relative to the widths this call started from
-            info["removed"] = {name: [i for i in range(widths[name]) if i not in set(kept[name])] for name in kept}
+            info["removed"] = {name: sorted(set(range(widths[name])) - set(kept[name])) for name in kept}
         model.train(was)
         model.zero_grad(set_to_none=True)
         return info

@@ -205,8 +205,8 @@ class StageRun(AutoCompression):
 
     def feature_convs(self) -> Dict[str, nn.Module]:
         """Feature node -> the conv that produces its channels (the family knows which), whose removed output
-        channels a pruning step records so the feature loss keeps matching the teacher channels that stay."""
-        self.family.prepare_for_pruning(self.student)
+        channels a pruning step records so the feature loss keeps matching the teacher channels that stay. (The
+        student is prepared for pruning already: build_student, or the checkpoint it resumed from.)"""
         modules = dict(self.student.named_modules())
         track = {n.name: self.family.output_conv(modules[n.name]) for n in self.feature_nodes}
         untracked = {k: type(modules[k]).__name__ for k, v in track.items() if v is None}
