@@ -476,6 +476,11 @@ class PruneStage(_Stage):
         None, ge=1, description="distillation iterations between pruning steps; default: half the stage's "
                                 "iterations / steps (the rest, after the last step, fine-tunes)")
     taylor_batches: int = Field(4, ge=1, description="distillation batches whose gradients feed Taylor importance")
+    decay_iterations: int = Field(
+        0, ge=0, description="gradual removal: each pruning step decides its channels at its iteration, shrinks them "
+                             "linearly to zero over this many distillation iterations while the rest of the network "
+                             "learns to do without them, then removes them (which then changes nothing). 0: removed "
+                             "at once. Must be shorter than step_iterations")
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="no layer loses more than this share of channels")
     close_gap: bool = Field(
         True, description="scope uniform: where round_to's staircase leaves the MACs (params) more than 2% above a "

@@ -4,6 +4,10 @@ parameters.
     pruner = StructuredPruner(family, stage)            # stage: an act.config.PruneStage
     info = pruner.prune_to(student, target_macs)         # in place; returns what it did
 
+    plan = pruner.plan(student, target_macs)             # or: decide now, remove later (stage decay_iterations)
+    scale_channels(student, plan.removed, 0.5)           # shrink what the plan removes while training goes on
+    pruner.apply(student, plan)                          # zero those channels and remove them
+
 The model family prepares the model (Ultralytics C2f/C3k2 chunk splits become two convs, see
 teachers/ultralytics_prune.py) and names the modules whose channels stay (the head's last convs: the distillation
 nodes; the DFL decode; attention blocks). torch-pruning's channel ratio for the target is searched on deep copies
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch_pruning as tp
@@ -26,6 +31,10 @@ from torch import nn
 from act.errors import ActError
 
 TRACE_IMGSZ = 160  # MACs of a conv net scale with H*W, so their ratio does not depend on the traced size
+# close_gap's global pass takes at most this share of any layer's channels (as the pass finds them): uncapped, its
+# magnitude ranking took 24 of the 32 channels of the P3 neck's first conv to close a 0.64x -> 0.60x gap (GPU: pose
+# mAP 0.198 -> 0.136; torch-pruning's max_pruning_ratio only skips layers already below it, it does not cap a cut)
+GAP_MAX_LAYER_SHARE = 0.25
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -97,9 +106,11 @@ class StructuredPruner:
 
     def _prune_at(self, model: nn.Module, ratio: float, have_grads: bool,
                   means: Optional[Dict[str, torch.Tensor]] = None,
-                  track: Optional[Dict[str, nn.Conv2d]] = None, scope: Optional[str] = None) -> Dict[str, List[int]]:
-        """Prune `model` with torch-pruning's channel ratio `ratio`. Returns, for each conv in `track` (name -> conv),
-        the indices of the output channels it lost."""
+                  track: Optional[Dict[str, nn.Module]] = None, scope: Optional[str] = None,
+                  history: Optional[List[list]] = None) -> Dict[str, List[int]]:
+        """Prune `model` with torch-pruning's channel ratio `ratio`. Returns, for each conv / BatchNorm in `track`
+        (name -> module), the indices of the output channels it lost; appends torch-pruning's pruning history of this
+        pass (root module name, output channels?, indices per group, in order) to `history`."""
         st = self.stage
         p = next(model.parameters())
         example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
@@ -123,6 +134,10 @@ class StructuredPruner:
         tracked = {id(conv): name for name, conv in (track or {}).items()}
         removed: Dict[str, set] = {}
         for group in pruner.step(interactive=True):
+            if gap_pass:
+                group = self._capped(pruner, group)
+                if group is None:
+                    continue
             if means:
                 compensate_bias(group, pruner.DG, names, means)
             for dep, idxs in group:
@@ -130,17 +145,43 @@ class StructuredPruner:
                 if name is not None and pruner.DG.is_out_channel_pruning_fn(dep.handler):
                     removed.setdefault(name, set()).update(int(i) for i in idxs)
             group.prune()
+        if history is not None:
+            history.append([[name, bool(out), [int(i) for i in idxs]]
+                            for name, out, idxs in pruner.DG.pruning_history()])
         return {k: sorted(v) for k, v in removed.items()}
+
+    def _capped(self, pruner, group):
+        """`group` with at most GAP_MAX_LAYER_SHARE of its root layer's channels (a multiple of round_to): the least
+        important of those it would remove. None where that leaves nothing to remove."""
+        dep, idxs = group[0]
+        width = pruner.DG.get_out_channels(dep.target.module)
+        if not width or not pruner.DG.is_out_channel_pruning_fn(dep.handler):
+            return group
+        cap = int(width * GAP_MAX_LAYER_SHARE)
+        if self.stage.round_to:
+            cap -= cap % self.stage.round_to
+        if len(idxs) <= cap:
+            return group
+        if cap <= 0:
+            return None
+        full = pruner.DG.get_pruning_group(dep.target.module, dep.handler, list(range(width)))
+        imp = pruner.estimate_importance(full)
+        if imp is None or len(imp) != width:  # (channel groups: keep torch-pruning's order)
+            chosen = list(idxs)[:cap]
+        else:
+            chosen = sorted(idxs, key=lambda i: float(imp[i]))[:cap]
+        return pruner.DG.get_pruning_group(dep.target.module, dep.handler, sorted(int(i) for i in chosen))
 
     def prune_to(self, model: nn.Module, target: float, have_grads: bool = False,
                  images: Optional[torch.Tensor] = None, progress: Optional[Callable[[Dict], None]] = None,
                  reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 track: Optional[Dict[str, nn.Conv2d]] = None) -> Dict:
+                 track: Optional[Dict[str, nn.Module]] = None, history: Optional[List[list]] = None) -> Dict:
         """Prune until the stage's metric (macs | params, of one imgsz image) is as close to `target` as the search
         gets (within `tolerance` unless round_to's staircase has no step there; with scope uniform and close_gap, a
         global pass then removes what the uniform staircase left above the target).
         Returns {macs, params, trials, channel_ratio, global_ratio, importance, reached}, and with `track` (name ->
-        conv of `model`) `removed`: name -> the indices of the output channels that conv lost."""
+        conv / BatchNorm of `model`) `removed`: name -> the indices of the output channels that module lost. With
+        `history` (a list), each pass's torch-pruning pruning history is appended to it (see `apply`)."""
         st = self.stage
         self.prepare(model)
         which = 0 if st.metric == "macs" else 1
@@ -150,7 +191,7 @@ class StructuredPruner:
                 "reached": start <= target * (1 + self.tolerance),
                 "importance": "taylor" if st.importance == "taylor" and have_grads else
                 ("l2" if st.importance in ("taylor", "group_norm") else st.importance)}
-        widths = {name: conv.out_channels for name, conv in (track or {}).items()}
+        widths = {name: out_width(m) for name, m in (track or {}).items()}
         kept = {name: list(range(w)) for name, w in widths.items()}  # positions (at the start) still there
         if track:
             info["removed"] = {}
@@ -183,7 +224,7 @@ class StructuredPruner:
                 best = min(trials, key=lambda r: (abs(trials[r] / target - 1), trials[r] > target))
             info["channel_ratio" if scope == st.scope else "global_ratio"] = round(best, 4)
             if best > 0:
-                removed = self._prune_at(model, best, have_grads, means, track, scope=scope)
+                removed = self._prune_at(model, best, have_grads, means, track, scope=scope, history=history)
                 for name, gone in removed.items():
                     gone = set(gone)
                     kept[name] = [k for i, k in enumerate(kept[name]) if i not in gone]
@@ -195,6 +236,41 @@ class StructuredPruner:
         model.train(was)
         model.zero_grad(set_to_none=True)
         return info
+
+    def plan(self, model: nn.Module, target: float, have_grads: bool = False,
+             progress: Optional[Callable[[Dict], None]] = None) -> "PruningPlan":
+        """What `prune_to(model, target)` would remove, decided now on a copy; `model` (prepared for pruning, in
+        place) keeps its channels until `apply`. Meanwhile `scale_channels(model, plan.removed, f)` can shrink the
+        channels to go, so that removing them changes nothing (no bias compensation: they are zero by then)."""
+        self.prepare(model)
+        trial = copy.deepcopy(model)
+        if have_grads:  # deepcopy of a Parameter drops .grad
+            for src, dst in zip(model.parameters(), trial.parameters()):
+                dst.grad = None if src.grad is None else src.grad.clone()
+        track = {n: m for n, m in trial.named_modules() if out_width(m)}
+        history: List[list] = []
+        info = self.prune_to(trial, target, have_grads, progress=progress, track=track, history=history)
+        del trial
+        removed = {k: v for k, v in info.pop("removed", {}).items() if v}
+        return PruningPlan(history=history, removed=removed, info=info)
+
+    def apply(self, model: nn.Module, plan: "PruningPlan") -> nn.Module:
+        """Remove the channels of `plan` from `model` (the architecture it was planned on): they are set to zero
+        first, then torch-pruning replays the plan's pruning history, pass by pass, on a dependency graph of `model`."""
+        self.prepare(model)
+        scale_channels(model, plan.removed, 0.0)
+        p = next(model.parameters())
+        example = torch.zeros(1, 3, TRACE_IMGSZ, TRACE_IMGSZ, device=p.device, dtype=p.dtype)
+        for history in plan.history:
+            try:
+                with torch.enable_grad():  # DepGraph traces through autograd
+                    graph = tp.DependencyGraph().build_dependency(model, example,
+                                                                  forward_fn=self.family.prune_forward)
+                graph.load_pruning_history(history)
+            except Exception as e:
+                raise ActError(f"could not apply the pruning plan to the student (not the architecture it was "
+                               f"planned on?): {type(e).__name__}: {e}") from e
+        return model
 
     def _search(self, model: nn.Module, target: float, start: float, which: int, have_grads: bool,
                 means: Optional[Dict[str, torch.Tensor]], scope: str,
@@ -247,6 +323,55 @@ class StructuredPruner:
 
         pats = list(self.stage.ignore)
         return [m for n, m in model.named_modules() if n and pats and matches_any(n, pats)]
+
+
+def out_width(m: nn.Module) -> int:
+    """Output channels of a conv or an affine BatchNorm (what pruning removes channels from); 0 for other modules."""
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+        return m.num_features
+    return 0
+
+
+@dataclass
+class PruningPlan:
+    """A pruning step decided ahead of removing anything: torch-pruning's pruning history of each pass (what
+    `StructuredPruner.apply` replays), the output channels each conv / BatchNorm loses (module name -> indices in the
+    model as planned: what `scale_channels` shrinks), and the step's info (MACs, params, ratios, importance)."""
+
+    history: List[list]
+    removed: Dict[str, List[int]]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"history": self.history, "removed": self.removed, "info": self.info}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any]) -> "PruningPlan":
+        return cls(history=state["history"], removed=state["removed"], info=dict(state.get("info", {})))
+
+    def channels(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+
+@torch.no_grad()
+def scale_channels(model: nn.Module, removed: Dict[str, List[int]], factor: float) -> None:
+    """Multiply the weights (conv: its output rows) and biases of the listed output channels by `factor`, in place.
+    Every producer of a pruned channel is listed (convs, BatchNorms), so at 0 the channel is exactly zero after SiLU
+    and the layers reading it get nothing from it."""
+    modules = dict(model.named_modules())
+    for name, idxs in removed.items():
+        if not idxs:
+            continue
+        m = modules.get(name)
+        if m is None or max(idxs) >= out_width(m):
+            raise ActError(f"pruning plan: the student has no module {name!r} with {max(idxs) + 1} or more output "
+                           f"channels (not the architecture it was planned on)")
+        idx = torch.as_tensor(idxs, device=m.weight.device, dtype=torch.long)
+        m.weight[idx] *= factor
+        if m.bias is not None:
+            m.bias[idx] *= factor
 
 
 @torch.no_grad()

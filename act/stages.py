@@ -32,7 +32,8 @@ from act.config import RunConfig, SparsityStage, validate_config
 from act.distill import FeatureCapture, channel_map, update_channel_map
 from act.errors import ActError, ConfigError, Interrupted
 from act.latency import ort_latency
-from act.prune import StructuredPruner, accumulate_grads, fold_batchnorm, has_batchnorm, model_cost
+from act.prune import (PruningPlan, StructuredPruner, accumulate_grads, fold_batchnorm, has_batchnorm, model_cost,
+                       scale_channels)
 from act.sparsity import SparsityMasks
 
 STAGE_FILE = "stages.json"
@@ -77,6 +78,7 @@ class StageRun(AutoCompression):
         self.masks: Optional[SparsityMasks] = None
         self.prune_steps_done = 0
         self.prune_log: List[Dict[str, Any]] = []
+        self.pending: Optional[Dict[str, Any]] = None  # decay_iterations: a planned step whose channels are shrinking
         self._pruning = False
 
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
@@ -119,11 +121,18 @@ class StageRun(AutoCompression):
         if self.stage.type == "prune":
             self.feature_convs()  # distill.features it could not follow through pruning: fail before any work
             sched = self.prune_schedule()
-            if sched[-1] >= self.total_iters:
+            decay = self.stage.decay_iterations
+            if sched[-1] + decay >= self.total_iters:
                 raise ConfigError(
                     f"invalid config:\n  stages.{self.index}.step_iterations: {self.stage.steps} pruning steps every "
-                    f"{sched[1] - sched[0] if len(sched) > 1 else 0} iterations need more than the stage's "
-                    f"{self.total_iters} iterations (got step {len(sched)} at iteration {sched[-1]})")
+                    f"{sched[1] - sched[0] if len(sched) > 1 else 0} iterations"
+                    + (f", each removing its channels {decay} iterations (decay_iterations) after deciding them," if decay
+                       else "") + f" need more than the stage's {self.total_iters} iterations (got step {len(sched)} "
+                    f"at iteration {sched[-1]})")
+            if len(sched) > 1 and decay >= sched[1] - sched[0]:
+                raise ConfigError(
+                    f"invalid config:\n  stages.{self.index}.decay_iterations: expected fewer than the "
+                    f"{sched[1] - sched[0]} iterations between pruning steps (step_iterations), got {decay}")
         if self.sparsity_spec is not None and self.sparsity_spec is not self.stage:
             self.masks = SparsityMasks.from_zeros(self.student, self.sparsity_spec.pattern, self._mask_ignore())
 
@@ -135,12 +144,6 @@ class StageRun(AutoCompression):
             self.masks.apply(self.student)
             print(f"act: sparsity {sp.pattern}: {self.masks.stats(self.student)}")
 
-    def train_step(self, images: torch.Tensor) -> Dict[str, float]:
-        stats = super().train_step(images)
-        if self.masks is not None:
-            self.masks.apply(self.student)
-        return stats
-
     # ---- pruning --------------------------------------------------------------------------------------------------
     def prune_schedule(self) -> List[int]:
         st = self.stage
@@ -150,14 +153,28 @@ class StageRun(AutoCompression):
     def before_iteration(self, it: int, batches) -> None:
         if self.stage.type != "prune":
             return
+        if self.pending is not None:
+            if it < self.pending["start"] + self.stage.decay_iterations:
+                return
+            self.apply_planned(it)
         sched = self.prune_schedule()
         k = self.prune_steps_done
         if k < len(sched) and it >= sched[k]:
             self.prune_step(k + 1, it, batches)
 
+    def train_step(self, images: torch.Tensor) -> Dict[str, float]:
+        stats = super().train_step(images)
+        if self.pending is not None:  # the planned channels: linearly from their value at the plan to 0
+            left = self.pending["start"] + self.stage.decay_iterations - self._iteration
+            scale_channels(self.student, self.pending["plan"].removed, max(left - 1, 0) / max(left, 1))
+        if self.masks is not None:
+            self.masks.apply(self.student)
+        return stats
+
     def prune_step(self, k: int, it: int, batches) -> None:
         """Pruning step k of the stage (1-based): prune to base * (1 - (1 - target) * k / steps) of the teacher's
-        MACs (or params), then a fresh optimizer (the pruned layers hold new parameters)."""
+        MACs (or params), then a fresh optimizer (the pruned layers hold new parameters). With decay_iterations the
+        step only decides the channels now (a plan); train_step shrinks them and apply_planned removes them."""
         st = self.stage
         t0 = time.time()
         self._pruning = True
@@ -175,19 +192,55 @@ class StageRun(AutoCompression):
                     if prm.grad is not None:
                         prm.grad = reduce(prm.grad)
             have_grads = loss > 1e-9
+        pruner = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz)
+        if st.decay_iterations:
+            plan = pruner.plan(self.student, target, have_grads=have_grads)
+            self.student.zero_grad(set_to_none=True)
+            self.s_capture.pop()
+            self.t_capture.pop()
+            plan.info.update(step=k, iteration=it, target=target, planned_s=round(time.time() - t0, 2))
+            self.pending = {"step": k, "start": it, "plan": plan}
+            self.logger.scalars("prune", {"planned_channels": plan.channels(), "step": k}, it)
+            print(f"act: pruning step {k}/{st.steps} at iteration {it}: {plan.channels()} output channels (of convs "
+                  f"and BatchNorms) chosen; they shrink to zero over {st.decay_iterations} iterations and go at "
+                  f"iteration {it + st.decay_iterations} ({plan.info['macs'] / self.teacher_cost[0]:.3f}x MACs)")
+            self._pruning = False
+            return
         # for bias compensation: input means per channel (a student with BatchNorm re-centres by itself)
         images = None if has_batchnorm(self.student) else self.model_input(next(batches))
         track = self.feature_convs()
         widths = {k: v.out_channels for k, v in track.items()}
-        info = StructuredPruner(self.family, st, imgsz=self.cfg.data.imgsz).prune_to(
-            self.student, target, have_grads=have_grads, images=images, reduce=reduce, track=track)
+        info = pruner.prune_to(self.student, target, have_grads=have_grads, images=images, reduce=reduce, track=track)
         if track:
             update_channel_map(self.student, info.pop("removed", {}), widths)
             self.loss_fn.set_channel_maps(channel_map(self.student))
         self.s_capture.pop()
         self.t_capture.pop()
-        info.update(step=k, iteration=it, target=target, time_s=round(time.time() - t0, 2),
-                    macs_ratio=info["macs"] / self.teacher_cost[0], params_ratio=info["params"] / self.teacher_cost[1])
+        info.update(step=k, iteration=it, target=target, time_s=round(time.time() - t0, 2))
+        self._pruned(k, it, info)
+
+    def apply_planned(self, it: int) -> None:
+        """Remove the channels of the pending plan (zero by now): the end of a decaying pruning step."""
+        t0 = time.time()
+        self._pruning = True
+        k, plan = self.pending["step"], self.pending["plan"]
+        modules = dict(self.student.named_modules())
+        names = {m: n for n, m in modules.items()}
+        track = self.feature_convs()
+        widths = {n: conv.out_channels for n, conv in track.items()}
+        StructuredPruner(self.family, self.stage, imgsz=self.cfg.data.imgsz).apply(self.student, plan)
+        if track:
+            update_channel_map(self.student, {n: plan.removed.get(names[conv], []) for n, conv in track.items()},
+                               widths)
+            self.loss_fn.set_channel_maps(channel_map(self.student))
+        info = dict(plan.info, decayed_from=self.pending["start"], iteration=it, time_s=round(time.time() - t0, 2))
+        self.pending = None
+        self._pruned(k, it, info)
+
+    def _pruned(self, k: int, it: int, info: Dict[str, Any]) -> None:
+        """After pruning step k removed its channels at iteration `it`: log, fresh optimizer, best.pt restarts."""
+        st = self.stage
+        info.update(macs_ratio=info["macs"] / self.teacher_cost[0], params_ratio=info["params"] / self.teacher_cost[1])
         self.prune_log.append(info)
         self.prune_steps_done = k
         if self.channels_last:
@@ -229,7 +282,9 @@ class StageRun(AutoCompression):
     def state(self, iteration: int, training_state: bool = True) -> Dict[str, Any]:
         st = super().state(iteration, training_state)
         st["stage"] = {"index": self.index, "label": self.stage.label, "type": self.stage.type,
-                       "prune_steps_done": self.prune_steps_done, "prune_log": self.prune_log}
+                       "prune_steps_done": self.prune_steps_done, "prune_log": self.prune_log,
+                       "pending": None if self.pending is None else
+                       dict(self.pending, plan=self.pending["plan"].state_dict())}
         return st
 
     def save(self, name: str, iteration: int, training_state: bool = True) -> Path:
@@ -253,6 +308,8 @@ class StageRun(AutoCompression):
             self.setup_optimizer()
         self.prune_steps_done = int(st.get("prune_steps_done", 0))
         self.prune_log = list(st.get("prune_log", []))
+        pending = st.get("pending")
+        self.pending = None if pending is None else dict(pending, plan=PruningPlan.from_state(pending["plan"]))
         it = super().resume_from(path, ckpt)
         if self.sparsity_spec is not None:
             self.masks = SparsityMasks.from_zeros(self.student, self.sparsity_spec.pattern, self._mask_ignore())
