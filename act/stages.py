@@ -254,6 +254,10 @@ class StageRun(AutoCompression):
                                       "step": k}, it)
         print(f"act: pruning step {k}/{st.steps} at iteration {it}: MACs {info['macs_ratio']:.3f}x, params "
               f"{info['params_ratio']:.3f}x of the teacher ({info['importance']} importance, {info['time_s']} s)")
+        if not info["reached"]:
+            print(f"act: pruning step {k}: the nearest width is {info[st.metric] / info['target']:.3f}x the step's goal "
+                  f"(round_to {st.round_to} makes the {st.metric} a staircase): a smaller round_to, or close_gap: true, "
+                  f"gets closer (docs/pruning.md)")
         self._pruning = False
 
     def feature_convs(self) -> Dict[str, nn.Module]:

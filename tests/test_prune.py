@@ -85,7 +85,7 @@ def test_channel_map_follows_the_kept_channels_through_pruning_steps(teacher_pat
         modules = dict(model.named_modules())
         track = {n: family.output_conv(modules[n]) for n in names}
         widths = {n: c.out_channels for n, c in track.items()}
-        stage = PruneStage(type="prune", target=target, keep_branches=["kpt"], ignore=["model.[012].*"])
+        stage = PruneStage(type="prune", target=target, keep_branches=["kpt"], ignore=["model.[012].*"], close_gap=True)
         info = StructuredPruner(family, stage, imgsz=160).prune_to(model, target * full, track=track)
         update_channel_map(model, info["removed"], widths)
         passes.append(info.get("global_ratio", 0.0) > 0)
@@ -281,7 +281,7 @@ def test_a_planned_step_removes_exactly_the_channels_it_shrank(teacher_path):
     model = family.load(teacher_path).float().requires_grad_(True).eval()  # with its BatchNorm layers
     family.prepare_for_pruning(model)
     full = model_cost(model, 160)[0]
-    stage = PruneStage(type="prune", target=0.6, keep_branches=["kpt"], ignore=["model.[012].*"])
+    stage = PruneStage(type="prune", target=0.6, keep_branches=["kpt"], ignore=["model.[012].*"], close_gap=True)
     pruner = StructuredPruner(family, stage, imgsz=160)
     widths = lambda m: {n: c.out_channels for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
     before = widths(model)
