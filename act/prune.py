@@ -355,23 +355,34 @@ class PruningPlan:
         return sum(len(v) for v in self.removed.values())
 
 
-@torch.no_grad()
+class ChannelScale:
+    """The listed output channels (module name -> indices) of a model's convs / BatchNorms, looked up once:
+    `scale(factor)` multiplies their weights (conv: its output rows) and biases by `factor`, in place. Every producer
+    of a pruned channel is listed (convs, BatchNorms), so at 0 the channel is exactly zero after SiLU and the layers
+    reading it get nothing from it. (Built once per plan: decay_iterations scales after every optimizer step.)"""
+
+    def __init__(self, model: nn.Module, removed: Dict[str, List[int]]):
+        modules = dict(model.named_modules())
+        self.targets = []
+        for name, idxs in removed.items():
+            if not idxs:
+                continue
+            m = modules.get(name)
+            if m is None or max(idxs) >= out_width(m):
+                raise ActError(f"pruning plan: the student has no module {name!r} with {max(idxs) + 1} or more output "
+                               f"channels (not the architecture it was planned on)")
+            idx = torch.as_tensor(idxs, device=m.weight.device, dtype=torch.long)
+            self.targets += [(prm, idx) for prm in (m.weight, m.bias) if prm is not None]
+
+    @torch.no_grad()
+    def __call__(self, factor: float) -> None:
+        for prm, idx in self.targets:
+            prm[idx] *= factor
+
+
 def scale_channels(model: nn.Module, removed: Dict[str, List[int]], factor: float) -> None:
-    """Multiply the weights (conv: its output rows) and biases of the listed output channels by `factor`, in place.
-    Every producer of a pruned channel is listed (convs, BatchNorms), so at 0 the channel is exactly zero after SiLU
-    and the layers reading it get nothing from it."""
-    modules = dict(model.named_modules())
-    for name, idxs in removed.items():
-        if not idxs:
-            continue
-        m = modules.get(name)
-        if m is None or max(idxs) >= out_width(m):
-            raise ActError(f"pruning plan: the student has no module {name!r} with {max(idxs) + 1} or more output "
-                           f"channels (not the architecture it was planned on)")
-        idx = torch.as_tensor(idxs, device=m.weight.device, dtype=torch.long)
-        m.weight[idx] *= factor
-        if m.bias is not None:
-            m.bias[idx] *= factor
+    """Multiply the listed output channels' weights and biases by `factor`, in place (see ChannelScale)."""
+    ChannelScale(model, removed)(factor)
 
 
 @torch.no_grad()

@@ -32,8 +32,8 @@ from act.config import RunConfig, SparsityStage, validate_config
 from act.distill import FeatureCapture, channel_map, update_channel_map
 from act.errors import ActError, ConfigError, Interrupted
 from act.latency import ort_latency
-from act.prune import (PruningPlan, StructuredPruner, accumulate_grads, fold_batchnorm, has_batchnorm, model_cost,
-                       scale_channels)
+from act.prune import (ChannelScale, PruningPlan, StructuredPruner, accumulate_grads, fold_batchnorm, has_batchnorm,
+                       model_cost)
 from act.sparsity import SparsityMasks
 
 STAGE_FILE = "stages.json"
@@ -79,6 +79,7 @@ class StageRun(AutoCompression):
         self.prune_steps_done = 0
         self.prune_log: List[Dict[str, Any]] = []
         self.pending: Optional[Dict[str, Any]] = None  # decay_iterations: a planned step whose channels are shrinking
+        self._shrink: Optional[ChannelScale] = None  # its channels, looked up once (scaled after every step)
         self._pruning = False
 
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
@@ -165,8 +166,10 @@ class StageRun(AutoCompression):
     def train_step(self, images: torch.Tensor) -> Dict[str, float]:
         stats = super().train_step(images)
         if self.pending is not None:  # the planned channels: linearly from their value at the plan to 0
+            if self._shrink is None:
+                self._shrink = ChannelScale(self.student, self.pending["plan"].removed)
             left = self.pending["start"] + self.stage.decay_iterations - self._iteration
-            scale_channels(self.student, self.pending["plan"].removed, max(left - 1, 0) / max(left, 1))
+            self._shrink(max(left - 1, 0) / max(left, 1))
         if self.masks is not None:
             self.masks.apply(self.student)
         return stats
@@ -224,8 +227,7 @@ class StageRun(AutoCompression):
         t0 = time.time()
         self._pruning = True
         k, plan = self.pending["step"], self.pending["plan"]
-        modules = dict(self.student.named_modules())
-        names = {m: n for n, m in modules.items()}
+        names = {m: n for n, m in self.student.named_modules()}
         track = self.feature_convs()
         widths = {n: conv.out_channels for n, conv in track.items()}
         StructuredPruner(self.family, self.stage, imgsz=self.cfg.data.imgsz).apply(self.student, plan)
@@ -234,7 +236,7 @@ class StageRun(AutoCompression):
                                widths)
             self.loss_fn.set_channel_maps(channel_map(self.student))
         info = dict(plan.info, decayed_from=self.pending["start"], iteration=it, time_s=round(time.time() - t0, 2))
-        self.pending = None
+        self.pending = self._shrink = None
         self._pruned(k, it, info)
 
     def _pruned(self, k: int, it: int, info: Dict[str, Any]) -> None:
@@ -314,6 +316,7 @@ class StageRun(AutoCompression):
         self.prune_log = list(st.get("prune_log", []))
         pending = st.get("pending")
         self.pending = None if pending is None else dict(pending, plan=PruningPlan.from_state(pending["plan"]))
+        self._shrink = None  # (the resumed student holds new parameters)
         it = super().resume_from(path, ckpt)
         if self.sparsity_spec is not None:
             self.masks = SparsityMasks.from_zeros(self.student, self.sparsity_spec.pattern, self._mask_ignore())
