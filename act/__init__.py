@@ -6,8 +6,8 @@ _os.environ.setdefault("YOLO_OFFLINE", "1")  # act never lets Ultralytics reach 
 
 __version__ = "0.1.0"
 
-# The public names load on first use (PEP 562), so that `import act.errors` (which teachers/ does) never pulls in
-# act.compress, which imports teachers: `import teachers` before `import act` must work.
+# The public names load on first use (PEP 562), so that `import act.errors` / `import act.family` (which teachers/ and
+# families/ do) never pull in act.compress, which imports teachers: `import teachers` before `import act` must work.
 _LAZY = {
     "AutoCompression": "act.compress",
     "PostTrainingQuantization": "act.ptq",

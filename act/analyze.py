@@ -39,6 +39,7 @@ from torch import nn
 
 from act.artifacts import format_cell
 from act.errors import ActError, ConfigError
+from act.fidelity import CachedFidelity, coco_fidelity, node_fidelity
 
 RANK_KEYS = {"snr_db": "fidelity_snr_db_mean", "fidelity": "fidelity_map"}
 
@@ -101,86 +102,30 @@ class LayerToggle:
         self.all_on()
 
 
-class FidelityProbe:
-    """Student vs cached teacher outputs on a fixed small image set: node SNR/cosine and detection fidelity mAP."""
+class FidelityProbe(CachedFidelity):
+    """Student vs cached teacher outputs on a fixed small image set: node SNR/cosine and detection fidelity mAP
+    (act.fidelity.CachedFidelity, plus the summary keys the analysis ranks by)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, nodes, images: List[np.ndarray], task: str,
-                 device: torch.device, batch_size: int = 16, teacher_conf: float = 0.25, fidelity_map: bool = True):
-        from ultralytics.utils.nms import non_max_suppression
-
-        from act.data import to_uint8
-        from act.distill import FeatureCapture
-        from act.fidelity import MAX_DET, NMS_IOU, _decoded
-
+                 device: torch.device, batch_size: int = 16, teacher_conf: float = 0.25, fidelity_map: bool = True,
+                 family=None):
         if not images:
             raise ActError("analyze: no images to measure on")
-        self.student = student
-        self.nodes = list(nodes)
-        self.names = [n.name for n in self.nodes]
-        self.tags = {n.name: n.tag for n in self.nodes}
-        self.task = task
-        self.device = device
+        super().__init__(teacher, student, nodes, images, task, device, batch_size, teacher_conf, family)
         self.fidelity_map = fidelity_map
-        head = teacher.model[-1] if hasattr(teacher, "model") else None
-        self.nc = int(getattr(head, "nc", 1))
-        self.kpt_shape = tuple(getattr(head, "kpt_shape", ())) if task == "pose" else ()
-        self.hw = images[0].shape[:2]
-        self.batches = [torch.stack([to_uint8(im) for im in images[i:i + batch_size]])
-                        for i in range(0, len(images), batch_size)]
-        cap = FeatureCapture(teacher, self.names)
-        self.t_feats: List[Dict[str, torch.Tensor]] = []
-        self.gts: List[torch.Tensor] = []
-        was = teacher.training
-        teacher.eval()
-        try:
-            with torch.inference_mode():
-                for x in self.batches:
-                    y = _decoded(teacher(x.to(device).float() / 255.0)).float()
-                    self.t_feats.append({k: v.float().clone() for k, v in cap.pop().items()})
-                    self.gts += [d.cpu() for d in non_max_suppression(y, teacher_conf, NMS_IOU, nc=self.nc,
-                                                                      max_det=MAX_DET)]
-        finally:
-            cap.remove()
-            teacher.train(was)
-        self.capture = FeatureCapture(student, self.names)
-        self.forwards = 0
 
-    def close(self) -> None:
-        self.capture.remove()
-
-    @torch.inference_mode()
     def measure(self, fidelity_map: Optional[bool] = None) -> Dict[str, float]:
-        """The student as it is now (quantizers as toggled) against the teacher."""
-        from ultralytics.utils.nms import non_max_suppression
-
-        from act.fidelity import MAX_DET, NMS_IOU, STUDENT_CONF, _decoded, coco_fidelity, node_fidelity
-
+        """The student as it is now (quantizers as toggled) against the teacher: the node measures (act.fidelity),
+        snr_db (of the mean node noise-to-signal ratio), cos_min and, with fidelity_map, the detection fidelity."""
         fidelity_map = self.fidelity_map if fidelity_map is None else fidelity_map
-        was = self.student.training
-        self.student.eval()
-        sums = {n: np.zeros(4) for n in self.names}
-        dts: List[torch.Tensor] = []
-        try:
-            for x, t_f in zip(self.batches, self.t_feats):
-                y = _decoded(self.student(x.to(self.device).float() / 255.0)).float()
-                s_f = self.capture.pop()
-                self.forwards += 1
-                for n in self.names:
-                    t, s = t_f[n].double(), s_f[n].double()
-                    sums[n] += np.array([float((s * t).sum()), float((s * s).sum()), float((t * t).sum()),
-                                         float(((s - t) ** 2).sum())])
-                if fidelity_map:
-                    dts += [d.cpu() for d in non_max_suppression(y, STUDENT_CONF, NMS_IOU, nc=self.nc,
-                                                                 multi_label=True, max_det=MAX_DET)]
-        finally:
-            self.student.train(was)
+        sums, dts = self.run_student(fidelity_map)
         out = node_fidelity(sums, self.tags)
         nsr = [err / tt for (_, _, tt, err) in sums.values() if tt > 0]
         mean_nsr = float(np.mean(nsr)) if nsr else 0.0
         out["snr_db"] = math.inf if mean_nsr == 0 else -10 * math.log10(mean_nsr)
         out["cos_min"] = out.get("fidelity_cos_min", 1.0)
         if fidelity_map:
-            out.update(coco_fidelity(self.gts, dts, self.hw, self.kpt_shape))
+            out.update(coco_fidelity(self.gts, dts, self.hw, self.kpt_shape, self.family.oks_sigmas))
             key = "fidelity_pose_map50_95" if self.kpt_shape else "fidelity_box_map50_95"
             out["fidelity_map"] = out.get(key, float("nan"))
         return out
@@ -313,7 +258,7 @@ def _finite(v: float) -> float:
 def run_sensitivity(teacher: nn.Module, student: nn.Module, nodes, images: List[np.ndarray], task: str,
                     device: torch.device, layers: Sequence[str] = (), rank_by: str = "snr_db",
                     batch_size: int = 16, teacher_conf: float = 0.25, fidelity_map: bool = True,
-                    progress: bool = True) -> SensitivityResult:
+                    progress: bool = True, family=None) -> SensitivityResult:
     """Rank the quantized layers of a calibrated `student` (all quantizers in 'quant' mode) by sensitivity."""
     from tqdm import tqdm
 
@@ -330,7 +275,8 @@ def run_sensitivity(teacher: nn.Module, student: nn.Module, nodes, images: List[
                           f"quantized layers (e.g. {all_names[0]})")
     key = RANK_KEYS[rank_by]
     fidelity_map = fidelity_map or key == "fidelity_map"
-    probe = FidelityProbe(teacher, student, nodes, images, task, device, batch_size, teacher_conf, fidelity_map)
+    probe = FidelityProbe(teacher, student, nodes, images, task, device, batch_size, teacher_conf, fidelity_map,
+                          family)
     rows = []
     try:
         toggle.all_on()
@@ -429,7 +375,8 @@ class Analysis:
         r.s_capture.remove() if hasattr(r.s_capture, "remove") else None
         a = cfg.analyze
         res = run_sensitivity(r.teacher, r.student, r.nodes, images, r.task, r.device, a.layers, a.rank_by,
-                              a.batch_size or cfg.eval.batch_size, cfg.eval.fidelity.teacher_conf, a.fidelity_map)
+                              a.batch_size or cfg.eval.batch_size, cfg.eval.fidelity.teacher_conf, a.fidelity_map,
+                              family=r.family)
         res.calibrator = cfg.ptq.calibrator + (f" {cfg.ptq.percentile}" if cfg.ptq.calibrator == "percentile" else "")
         res.info.update({"teacher": str(r.source.path), "imgsz": cfg.data.imgsz, "image_first": str(paths[0])})
         if cfg.eval.data and a.map_top_k:
@@ -454,7 +401,8 @@ class Analysis:
         else:
             pool, held, _ = split_holdout(resolve_source(cfg.data.train), fid.images)
         self.runner.pool = pool
-        images, ok = load_letterboxed(held[: cfg.analyze.images], cfg.eval.imgsz or cfg.data.imgsz)
+        images, ok = load_letterboxed(held[: cfg.analyze.images], cfg.eval.imgsz or cfg.data.imgsz,
+                                      self.runner.family.letterbox)
         if not images:
             raise ActError(f"analyze: none of the held-out images could be read (first: {held[:1]})")
         return images, ok
@@ -467,9 +415,9 @@ class Analysis:
         cfg = self.cfg
         imgsz = cfg.eval.imgsz or cfg.data.imgsz
         ev = CocoEvaluator(cfg.eval.data, r.task, imgsz, cfg.eval.batch_size, cfg.eval.max_images, cfg.eval.split,
-                           workdir=self.out / "eval")
+                           workdir=self.out / "eval", family=r.family)
         ctx = EvalContext(r.device, imgsz, 0, self.out)
-        metric = default_metric(r.task)
+        metric = default_metric(r.task, r.family)
         toggle = LayerToggle(r.student)
         lab = {"teacher": ev(r.teacher, ctx).get(metric)}
         toggle.all_on()
@@ -553,7 +501,8 @@ def resolve_auto_skip(runner) -> List[str]:
         a = cfg.analyze
         images, _ = an._images()
         probe = FidelityProbe(an.runner.teacher, student, an.runner.nodes, images, an.runner.task, an.runner.device,
-                              a.batch_size or cfg.eval.batch_size, cfg.eval.fidelity.teacher_conf, a.fidelity_map)
+                              a.batch_size or cfg.eval.batch_size, cfg.eval.fidelity.teacher_conf, a.fidelity_map,
+                              an.runner.family)
 
     def measure(float_layers):
         toggle.set([n for n in toggle.layers if n not in set(float_layers)], others=True)

@@ -1,16 +1,14 @@
 """`act eval`: evaluate any artifact with the same metric code as training, and print one table.
 
 An artifact is a teacher name (teachers/registry.yaml), an Ultralytics .pt, an act checkpoint (best.pt, last.pt,
-ptq.pt: its fake-quantized student runs in torch), or an exported file (.onnx, .engine, ...: Ultralytics'
-AutoBackend runs it, onnxruntime for ONNX). Metrics: CocoEvaluator (Ultralytics' validators) on a labeled data yaml,
+ptq.pt: its fake-quantized student runs in torch), or an exported file (.onnx, .engine, ...: the model family's
+`load_for_inference` runs it; Ultralytics' AutoBackend, onnxruntime for ONNX). Metrics: CocoEvaluator (Ultralytics' validators) on a labeled data yaml,
 and, given a teacher, FidelityEvaluator on unlabeled images (default: the held-out slice of the data yaml's train
 split, the same images `act compress` holds out).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import time
@@ -36,16 +34,18 @@ class Artifact:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def load_artifact(spec: str) -> Artifact:
-    """Resolve a model argument to something CocoEvaluator / FidelityEvaluator run. Raises ModelError (exit 2)."""
-    from act.compress import load_frozen
-    from teachers import family_for
+def load_artifact(spec: str, family: str = "auto") -> Artifact:
+    """Resolve a model argument to something CocoEvaluator / FidelityEvaluator run. Raises ModelError (exit 2).
+    family: the act.family name that loads teachers and runs exports ('auto': the teacher's registry entry / the
+    default family; an act checkpoint's module is claimed by its family)."""
+    from act.family import family_for
+    from act.teacher import load_frozen
 
     p = Path(spec).expanduser()
     if p.suffix and p.suffix not in TORCH_SUFFIXES and p.suffix not in (".yaml", ".yml"):
         if not p.exists():
             raise ModelError(f"model not found: {spec}")
-        return _exported(spec, p)
+        return _exported(spec, p, family)
     if p.suffix in TORCH_SUFFIXES and p.is_file():
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=False)
@@ -59,19 +59,19 @@ def load_artifact(spec: str) -> Artifact:
                             {"teacher": ckpt["act"].get("teacher"), "iteration": ckpt["act"].get("iteration")})
     elif p.suffix in TORCH_SUFFIXES:
         raise ModelError(f"model not found: {spec}")
-    model, family, src = load_frozen(spec)
-    return Artifact(spec, "teacher", model, family.task(model), None, {"path": str(src.path)})
+    model, fam, src = load_frozen(spec, family)
+    return Artifact(spec, "teacher", model, fam.task(model), None, {"path": str(src.path)})
 
 
-def _exported(spec: str, path: Path) -> Artifact:
-    from ultralytics.nn.autobackend import AutoBackend
+def _exported(spec: str, path: Path, family: str = "auto") -> Artifact:
+    from act.family import default_family, family_named
 
+    fam = default_family() if family == "auto" else family_named(family)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            backend = AutoBackend(str(path), device=torch.device("cpu"), verbose=False)
+        backend = fam.load_for_inference(path, torch.device("cpu"))
     except Exception as e:
-        raise ModelError(f"Ultralytics could not load {spec}: {type(e).__name__}: {e}") from None
-    task = getattr(backend, "task", None) or backend.metadata.get("task")
+        raise ModelError(f"{fam.name} could not load {spec}: {type(e).__name__}: {e}") from None
+    task = getattr(backend, "task", None) or (getattr(backend, "metadata", None) or {}).get("task")
     if task not in ("pose", "detect"):
         raise ModelError(f"{spec}: task {task!r} from its metadata; act evaluates pose and detect models")
     imgsz = getattr(backend, "imgsz", None)
@@ -96,7 +96,8 @@ def evaluate_artifacts(models: Sequence[str], data: Optional[str] = None, imgsz:
     """One row per model: {model, format, task, imgsz, metrics..., time_s}. rect=False (default) letterboxes every
     image to the square imgsz for every model, so torch rows compare with fixed-shape exports (which are always
     square); rect=True gives the numbers of `yolo val` for torch models."""
-    from act.compress import load_frozen, select_device
+    from act.compress import select_device
+    from act.teacher import load_frozen
     from act.distill import find_nodes
     from act.evaluate import CocoEvaluator, EvalContext
     from act.fidelity import FidelityEvaluator
@@ -128,8 +129,8 @@ def evaluate_artifacts(models: Sequence[str], data: Optional[str] = None, imgsz:
             row.update(ev(model, ctx))
         if teacher:
             if size not in fid_cache:
-                fid_cache[size] = FidelityEvaluator.from_paths(t_model, f_paths, size, art.task, nodes=t_nodes,
-                                                               batch_size=batch, held_out=held_out)
+                fid_cache[size] = FidelityEvaluator.from_paths(t_model, f_paths, size, art.task, family=family,
+                                                               nodes=t_nodes, batch_size=batch, held_out=held_out)
             row.update(fid_cache[size](model, ctx))
         row["time_s"] = round(time.time() - t0, 2)
         rows.append(row)

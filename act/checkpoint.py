@@ -1,13 +1,13 @@
-"""Checkpoints that Ultralytics `YOLO()` loads and that act resumes from, written atomically.
+"""Checkpoints that the model family loads (Ultralytics: `YOLO()`) and that act resumes from, written atomically.
 
-Layout: Ultralytics' own keys (`model` holds the student module, `train_args`, `date`, `version`) plus `act`, with
-the training state (iteration, optimizer, scheduler, RNG, best metric, config as run).
+Layout: the family's (`act.family.ModelFamily.checkpoint`; Ultralytics: its own keys, `model` holding the student
+module, `train_args`, `date`, `version`), always with `model` and `act`, the training state (iteration, optimizer,
+scheduler, RNG, best metric, config as run).
 """
 
 from __future__ import annotations
 
 import copy
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -37,16 +37,14 @@ def atomic_save(obj: Any, path: Path) -> None:
     atomic_torch_save(obj, path, what="checkpoint")
 
 
-def make_checkpoint(student: nn.Module, state: Dict[str, Any], train_args: Optional[Dict] = None) -> Dict[str, Any]:
-    from ultralytics import __version__
+def make_checkpoint(student: nn.Module, state: Dict[str, Any], train_args: Optional[Dict] = None,
+                    family=None) -> Dict[str, Any]:
+    """The family's checkpoint dict of a clean CPU copy of `student` (family: default act.family.family_for)."""
+    if family is None:
+        from act.family import family_for
 
-    return {
-        "date": datetime.now().isoformat(),
-        "version": __version__,
-        "model": _clean_copy(student),
-        "train_args": train_args or {},
-        "act": state,
-    }
+        family = family_for(student)
+    return family.checkpoint(_clean_copy(student), state, train_args)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

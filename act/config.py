@@ -25,9 +25,12 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     """The model to compress. `teacher` is a name from `teachers/registry.yaml`, a path to an Ultralytics `.pt`, or
-    an Ultralytics model yaml (random weights, for structural experiments)."""
+    an Ultralytics model yaml (random weights, for structural experiments). `family` names the model family that
+    loads it (act.family: built-in `ultralytics-yolo`, or one registered with act.family.register_family)."""
 
     teacher: str = Field(description="teacher name (e.g. yolo11n-pose), .pt path, or Ultralytics model .yaml")
+    family: str = Field("auto", description="model family: auto (the teacher registry entry's family, else "
+                                             "ultralytics-yolo) or a registered family name (act.family)")
     task: Literal["auto", "pose", "detect"] = "auto"
 
 
@@ -694,7 +697,7 @@ def check_paths(cfg: RunConfig) -> None:
     from teachers import resolve_teacher
 
     try:
-        resolve_teacher(cfg.model.teacher)  # raises ModelError(exit 2) with where to put the file
+        resolve_teacher(cfg.model.teacher, cfg.model.family)  # raises ModelError(exit 2) with where to put it
     except ModelError as e:
         raise ModelError(f"invalid config:\n  model.teacher: {e}") from None
     problem = resolve_source_exists(cfg.data.train)

@@ -2,7 +2,8 @@
 
 Sources: a folder (searched recursively), a .txt list of paths (relative to the list), an Ultralytics data yaml (its
 train split), or `pkg:PACKAGE/SUBFOLDER` for images shipped inside an installed package. Images are letterboxed
-exactly as Ultralytics does (its own LetterBox), optionally flipped and scale-jittered. An image that cannot be used
+exactly as the model family does (Ultralytics: its own LetterBox; `letterbox_fn=` a family's `letterbox` method, default
+act.family.default_family()'s), optionally flipped and scale-jittered. An image that cannot be used
 (zero-byte, truncated, corrupt, huge) is skipped, counted and listed with its reason, never fatal; grayscale, RGBA,
 palette and 16-bit images are converted (see `inspect_image`). Training batches come from act.pipeline (seeded,
 resumable).
@@ -15,7 +16,7 @@ import importlib.util
 import math
 import random
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -107,15 +108,11 @@ MAX_IMAGE_PIXELS = 100_000_000  # larger images (e.g. a 20000x20000 decompressio
 
 
 def _pil_open(path: Path):
-    """PIL's own Image.open: Ultralytics patches it to pip-install a HEIF plugin on any unidentified file."""
-    from PIL import Image
+    """PIL's own Image.open (the family's library may patch it: Ultralytics pip-installs a HEIF plugin on any
+    unidentified file)."""
+    from act.family import default_family
 
-    try:
-        from ultralytics.utils import patches
-
-        return getattr(patches, "_image_open", Image.open)(path)
-    except ImportError:
-        return Image.open(path)
+    return default_family().pil_open(path)
 
 
 def _header_problem(path: Path) -> Optional[str]:
@@ -180,10 +177,16 @@ def read_image(path: Path) -> Optional[np.ndarray]:
     return inspect_image(path)[0]
 
 
-def letterbox(im: np.ndarray, imgsz: int) -> np.ndarray:
-    from ultralytics.data.augment import LetterBox
+Letterbox = Callable[[np.ndarray, int], np.ndarray]  # (BGR uint8 HxWx3, imgsz) -> imgsz x imgsz: a family's letterbox
 
-    return LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True, stride=32)(image=im)
+
+def letterbox(im: np.ndarray, imgsz: int, fn: Optional[Letterbox] = None) -> np.ndarray:
+    """The square letterbox of `fn` (a model family's `letterbox`), by default the default family's."""
+    if fn is None:
+        from act.family import default_family
+
+        fn = default_family().letterbox
+    return fn(im, imgsz)
 
 
 def to_uint8(im: np.ndarray) -> torch.Tensor:
@@ -192,7 +195,7 @@ def to_uint8(im: np.ndarray) -> torch.Tensor:
 
 
 def to_tensor(im: np.ndarray) -> torch.Tensor:
-    """BGR HWC uint8 -> RGB CHW float in [0, 1], as Ultralytics preprocesses."""
+    """BGR HWC uint8 -> RGB CHW float in [0, 1] (the input convention of every model family)."""
     return to_uint8(im).float() / 255.0
 
 
@@ -202,9 +205,10 @@ def as_model_input(images: torch.Tensor, device) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random) -> np.ndarray:
+def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random, fn: Optional[Letterbox] = None
+                  ) -> np.ndarray:
     size = max(32, int(round(imgsz * s)))
-    boxed = letterbox(im, size)
+    boxed = letterbox(im, size, fn)
     if size == imgsz:
         return boxed
     if size < imgsz:
@@ -234,8 +238,10 @@ class UnlabeledImages(Dataset):
     An index may be an int, or an (index, epoch) pair from act.pipeline.StreamSampler: then the augmentation of that sample is
     seeded by (seed, epoch, index) alone, so it is the same in any worker and after a resume."""
 
-    def __init__(self, paths: Sequence[Path], imgsz: int, augment=None, cache: bool = False, seed: int = 0):
+    def __init__(self, paths: Sequence[Path], imgsz: int, augment=None, cache: bool = False, seed: int = 0,
+                 letterbox_fn: Optional[Letterbox] = None):
         self.paths = list(paths)
+        self.letterbox_fn = letterbox_fn
         self.imgsz = imgsz
         self.augment = augment
         self.cache = {} if cache else None
@@ -261,13 +267,13 @@ class UnlabeledImages(Dataset):
         if im is None:
             return None, SkippedImage(self.paths[i], why)
         if self.augment is None:
-            return to_uint8(letterbox(im, self.imgsz)), str(self.paths[i])
+            return to_uint8(letterbox(im, self.imgsz, self.letterbox_fn)), str(self.paths[i])
         if epoch is not None:
             rng = random.Random(f"{self.seed}:{epoch}:{i}")  # a pure function of the sample: resumable, any worker
         else:
             rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seeded RNG (per worker)
         s = rng.uniform(*self.augment.scale)
-        out = _scale_jitter(im, self.imgsz, s, rng)
+        out = _scale_jitter(im, self.imgsz, s, rng, self.letterbox_fn)
         if rng.random() < self.augment.flip:
             out = out[:, ::-1]
         return to_uint8(out), str(self.paths[i])
@@ -309,13 +315,15 @@ def split_holdout(paths: Sequence[Path], n: int) -> Tuple[List[Path], List[Path]
 
 
 def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True, sampler=None,
-                 paths: Optional[Sequence[Path]] = None, batch_size: Optional[int] = None) -> DataLoader:
+                 paths: Optional[Sequence[Path]] = None, batch_size: Optional[int] = None,
+                 letterbox_fn: Optional[Letterbox] = None) -> DataLoader:
     """DataLoader over the configured unlabeled source (act.config.DataConfig), or over `paths` if given."""
     paths = resolve_source(cfg.train) if paths is None else list(paths)
     if cfg.max_images:
         paths = paths[: cfg.max_images]
     batch_size = batch_size or cfg.batch_size
-    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None, cache=bool(getattr(cfg, "cache_ram", cfg.cache)), seed=seed)
+    ds = UnlabeledImages(paths, cfg.imgsz, cfg.augmentation if augment else None,
+                         cache=bool(getattr(cfg, "cache_ram", cfg.cache)), seed=seed, letterbox_fn=letterbox_fn)
     g = torch.Generator()
     g.manual_seed(seed)
     drop_last = shuffle and len(ds) >= batch_size
@@ -345,23 +353,24 @@ def iterations_for(cfg_train, n_images: int, batch_size: int) -> int:
     return max(1, math.ceil(cfg_train.epochs * n_images / batch_size))
 
 
-def load_letterboxed(paths: Sequence[Path], imgsz: int) -> Tuple[List[np.ndarray], List[Path]]:
+def load_letterboxed(paths: Sequence[Path], imgsz: int, letterbox_fn: Optional[Letterbox] = None
+                     ) -> Tuple[List[np.ndarray], List[Path]]:
     """Letterboxed BGR uint8 images (compact to keep in memory) and the paths that could be read."""
     ims, ok = [], []
     for p in paths:
         im = read_image(Path(p))
         if im is not None:
-            ims.append(letterbox(im, imgsz))
+            ims.append(letterbox(im, imgsz, letterbox_fn))
             ok.append(Path(p))
     if not ims:
         raise DataError("none of the images could be read")
     return ims, ok
 
 
-def load_images(paths: Sequence[Path], imgsz: int) -> torch.Tensor:
+def load_images(paths: Sequence[Path], imgsz: int, letterbox_fn: Optional[Letterbox] = None) -> torch.Tensor:
     """A batch of letterboxed images (no augmentation), skipping unreadable ones."""
     ims = [read_image(Path(p)) for p in paths]
-    ims = [to_tensor(letterbox(im, imgsz)) for im in ims if im is not None]
+    ims = [to_tensor(letterbox(im, imgsz, letterbox_fn)) for im in ims if im is not None]
     if not ims:
         raise DataError("none of the images could be read")
     return torch.stack(ims)

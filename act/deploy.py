@@ -85,7 +85,7 @@ def export_checkpoint(path: Path, cfg: Optional[RunConfig], ex, dynamic: bool, b
                       out: Optional[str], result: Dict[str, Any], log=print) -> Path:
     from act.checkpoint import load_checkpoint
     from act.export import export_onnx, lint_after_export, parity, qdq_summary
-    from teachers import family_for
+    from act.family import family_for
 
     ckpt = load_checkpoint(path)
     student = ckpt["model"].float().eval()
@@ -99,7 +99,7 @@ def export_checkpoint(path: Path, cfg: Optional[RunConfig], ex, dynamic: bool, b
     onnx_path = Path(out) if out else path.parent / name
     onnx_path = export_onnx(student, onnx_path, family, int(imgsz), batch, ex.opset, dynamic,
                             metadata={"act": json.dumps({"source": path.name})}, simplify=ex.simplify, skip=skip)
-    images = _parity_images(cfg, int(imgsz), ex.parity_images)
+    images = _parity_images(cfg, int(imgsz), ex.parity_images, family)
     par = parity(student, onnx_path, family, images, ex.parity_tolerance, raise_on_fail=False)
     result["onnx"] = {"path": str(onnx_path), "dynamic": dynamic, "batch": batch, "imgsz": int(imgsz), "parity": par,
                       "qdq": qdq_summary(onnx_path)}
@@ -111,14 +111,14 @@ def export_checkpoint(path: Path, cfg: Optional[RunConfig], ex, dynamic: bool, b
     return onnx_path
 
 
-def _parity_images(cfg: Optional[RunConfig], imgsz: int, n: int):
+def _parity_images(cfg: Optional[RunConfig], imgsz: int, n: int, family=None):
     import torch
 
     from act.data import load_images, resolve_source as resolve_images
 
     if cfg is not None:
         try:
-            return load_images(resolve_images(cfg.data.train)[:n], imgsz)
+            return load_images(resolve_images(cfg.data.train)[:n], imgsz, family.letterbox if family else None)
         except (ActError, OSError):
             pass
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""Metrics: the built-in COCO mAP (Ultralytics' validators, the same code as `yolo val`) and user callbacks.
+"""Metrics: the built-in COCO mAP (the model family's labeled evaluation: for Ultralytics its validators, the same
+code as `yolo val`) and user callbacks.
 
 A callback is `package.module:function`, called as `fn(model, context)` with the student in eval mode and an
 `EvalContext`; it returns a dict of floats.
@@ -6,9 +7,7 @@ A callback is `package.module:function`, called as `fn(model, context)` with the
 
 from __future__ import annotations
 
-import copy
 import importlib
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import yaml
-from torch import nn
 
-from act.errors import ActError, ConfigError
-
-os.environ.setdefault("YOLO_OFFLINE", "1")
+from act.errors import ConfigError
 
 
 @dataclass
@@ -30,15 +26,6 @@ class EvalContext:
     iteration: int
     output_dir: Optional[Path] = None
     extra: Dict[str, Any] = field(default_factory=dict)
-
-
-# Ultralytics' result keys -> act's names
-_KEYS = {
-    "metrics/mAP50-95(P)": "pose_map50_95",
-    "metrics/mAP50(P)": "pose_map50",
-    "metrics/mAP50-95(B)": "box_map50_95",
-    "metrics/mAP50(B)": "box_map50",
-}
 
 
 def load_callback(spec: str) -> Callable:
@@ -81,9 +68,10 @@ class CocoEvaluator:
     """COCO-style mAP50-95 / mAP50 of boxes (and keypoints for pose) on a labeled Ultralytics data yaml."""
 
     def __init__(self, data: str, task: str, imgsz: int, batch_size: int = 16, max_images: Optional[int] = None,
-                 split: str = "val", workdir: Optional[Path] = None, rect: bool = True):
+                 split: str = "val", workdir: Optional[Path] = None, rect: bool = True, family=None):
         """rect: batch images of similar aspect into rectangular inputs (Ultralytics' val default, torch models only);
-        False letterboxes every image to the square imgsz, as a fixed-shape export always sees it."""
+        False letterboxes every image to the square imgsz, as a fixed-shape export always sees it. family: the model
+        family whose labeled evaluation runs (act.family; default: the default family)."""
         if not Path(data).is_file():
             raise ConfigError(f"invalid config:\n  eval.data: file not found (got {data!r})")
         self.task = task
@@ -91,6 +79,7 @@ class CocoEvaluator:
         self.batch_size = batch_size
         self.split = split
         self.rect = rect
+        self._family = family
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="act_eval_")
@@ -98,40 +87,26 @@ class CocoEvaluator:
         self.workdir = Path(workdir)
         self.data = subset_data_yaml(data, split, max_images, self.workdir)
 
-    def _validator(self, device):
-        from ultralytics.models.yolo.detect import DetectionValidator
-        from ultralytics.models.yolo.pose import PoseValidator
+    @property
+    def family(self):
+        if self._family is None:
+            from act.family import default_family
 
-        cls = PoseValidator if self.task == "pose" else DetectionValidator
-        dev = "cpu" if device is None or torch.device(device).type == "cpu" else str(torch.device(device).index or 0)
-        args = dict(task=self.task, data=self.data, imgsz=self.imgsz, batch=self.batch_size, split=self.split,
-                    device=dev, plots=False, save_json=False, verbose=False,
-                    project=str(self.workdir), name="val", exist_ok=True, workers=0, rect=self.rect)
-        return cls(args=args, save_dir=self.workdir / "val")
+            self._family = default_family()
+        return self._family
 
     def __call__(self, model, context: Optional[EvalContext] = None) -> Dict[str, float]:
-        """model: a torch module (evaluated on a copy), or a path to any Ultralytics-loadable artifact (.pt, .onnx,
-        .engine)."""
+        """model: a torch module (evaluated on a copy), or a path to any artifact the family runs (Ultralytics: .pt,
+        .onnx, .engine)."""
         device = context.device if context else torch.device("cpu")
-        validator = self._validator(device)
-        if isinstance(model, nn.Module):
-            model = copy.deepcopy(model).eval()
-        else:
-            model = str(model)
-        from ultralytics.utils import LOGGER
-
-        level = LOGGER.level
-        LOGGER.setLevel(40)
-        try:
-            stats = validator(model=model)
-        except ActError:
-            raise
-        except Exception as e:
-            raise ActError(f"evaluation on {self.data} failed: {type(e).__name__}: {e}") from e
-        finally:
-            LOGGER.setLevel(level)
-        return {act: float(stats[k]) for k, act in _KEYS.items() if k in stats}
+        return self.family.labeled_metrics(model, self.data, self.task, self.imgsz, self.batch_size, self.split,
+                                           device, self.workdir, self.rect)
 
 
-def default_metric(task: str) -> str:
-    return "pose_map50_95" if task == "pose" else "box_map50_95"
+def default_metric(task: str, family=None) -> str:
+    """The labeled metric that ranks students (the family's; default family: pose_map50_95 / box_map50_95)."""
+    if family is None:
+        from act.family import default_family
+
+        family = default_family()
+    return family.default_metric(task)

@@ -1,8 +1,9 @@
 """Q/DQ ONNX export of a fake-quantized student, with Ultralytics metadata, and the onnxruntime parity check.
 
 torch's fake_quantize_per_* ops export to QuantizeLinear/DequantizeLinear pairs (int8, zero point 0; weights
-per-channel on axis 0). The head is switched to Ultralytics' export mode, so the file holds the float decode and
-one output (B, 4+nc(+nk), anchors), as `yolo export format=onnx` gives, and `YOLO("student.onnx")` loads it.
+per-channel on axis 0). The model family switches the head to its export mode and traces it (Ultralytics: its own
+export mode and torch2onnx), so the file holds the float decode and one output (B, 4+nc(+nk), anchors), as
+`yolo export format=onnx` gives, and `YOLO("student.onnx")` loads it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
                 skip: Sequence[str] = ()) -> Path:
     """Q/DQ ONNX of the student. simplify: onnxslim (constant folding, duplicate Q/DQ merged; every Q/DQ kept, see
     act.onnx_hygiene). skip: module-name patterns kept float on purpose, written into the metadata for the linter."""
-    from ultralytics.utils.export.engine import torch2onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = _export_copy(student)
@@ -48,7 +47,7 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
     axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
     tmp = path.with_suffix(".tmp.onnx")
     try:
-        torch2onnx(model, im, tmp, opset=opset, input_names=["images"], output_names=["output0"], dynamic=axes)
+        family.export_onnx(model, im, tmp, opset=opset, input_names=["images"], output_names=["output0"], dynamic=axes)
         proto = onnx.load(str(tmp))
         if simplify:
             from act.onnx_hygiene import simplify_qdq
@@ -87,7 +86,7 @@ def torch_outputs(student: nn.Module, family, images: torch.Tensor) -> np.ndarra
     family.prepare_for_export(model)
     with torch.no_grad():
         out = model(images.float().cpu())
-    return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+    return family.decoded(out).numpy()
 
 
 def onnx_outputs(path: Path, images: torch.Tensor, batch: Optional[int] = None, exact: bool = True) -> np.ndarray:

@@ -9,7 +9,7 @@ parameters.
     pruner.apply(student, plan)                          # zero those channels and remove them
 
 The model family prepares the model (Ultralytics C2f/C3k2 chunk splits become two convs, see
-teachers/ultralytics_prune.py) and names the modules whose channels stay (the head's last convs: the distillation
+families/ultralytics/prune.py) and names the modules whose channels stay (the head's last convs: the distillation
 nodes; the DFL decode; attention blocks). torch-pruning's channel ratio for the target is searched on deep copies
 (MACs counted after each trial), then applied to the model: the result lands within 2% of the target. MACs are counted
 at the run's imgsz (attention MACs grow faster than H*W, so the ratio depends on it). Importance: L1 / L2 magnitude
@@ -41,21 +41,25 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Folds every BatchNorm into the conv before it, in place (Ultralytics' own fuse: Conv/DWConv/RepConv...)."""
-    if has_batchnorm(model) and hasattr(model, "fuse"):
+def fold_batchnorm(model: nn.Module, family=None) -> nn.Module:
+    """Folds every BatchNorm into the conv before it, in place, the family's way (act.family.family_for(model) by
+    default; Ultralytics: its own fuse of Conv/DWConv/RepConv...). The training mode is kept."""
+    if has_batchnorm(model):
+        if family is None:
+            from act.family import family_for
+
+            family = family_for(model)
         was = model.training
-        model.eval()
-        model.fuse(verbose=False)
+        family.fold_batchnorm(model)
         model.train(was)
     return model
 
 
-def model_cost(model: nn.Module, imgsz: int = TRACE_IMGSZ) -> Tuple[float, int]:
+def model_cost(model: nn.Module, imgsz: int = TRACE_IMGSZ, family=None) -> Tuple[float, int]:
     """(MACs, parameters) of one image at imgsz x imgsz, by torch-pruning's counter (a deep copy runs, in eval), of
     the model as it deploys: a model that still has BatchNorm layers is counted with them folded."""
-    if has_batchnorm(model) and hasattr(model, "fuse"):
-        model = fold_batchnorm(copy.deepcopy(model))
+    if has_batchnorm(model):
+        model = fold_batchnorm(copy.deepcopy(model), family)
     p = next(model.parameters())
     x = torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
     with torch.no_grad():

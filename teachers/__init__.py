@@ -1,8 +1,6 @@
-"""What act knows per model family: where teachers come from, how to load them, their head branches, the layers that
-stay in float, and the metadata their exports carry.
-
-`resolve_teacher(name)` turns a config's `model.teacher` into a local file; `family_for(model)` returns the family
-object that answers everything else.
+"""Where teachers come from: the registry of teacher names (registry.yaml) and `resolve_teacher(name, family)`, which
+turns a config's `model.teacher` (and `model.family`) into a local file and the name of the model family that loads
+it. Everything about the model itself is the family's (act/family.py; the built-in ones in families/).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from typing import Dict, Optional
 import yaml
 
 from act.errors import ModelError
+from act.family import DEFAULT, families, family_named
 
 REGISTRY_FILE = Path(__file__).with_name("registry.yaml")
 
@@ -26,7 +25,7 @@ class TeacherSource:
     name: str
     path: Path
     kind: str  # "pt" (trained checkpoint) or "yaml" (architecture, random weights)
-    family: str = "ultralytics-yolo"
+    family: str = DEFAULT  # the act.family registry name of the family that loads it
 
 
 def registry() -> Dict[str, dict]:
@@ -41,27 +40,30 @@ def _weights_dirs():
     return dirs
 
 
-def _is_ultralytics_model_yaml(name: str) -> bool:
-    """Ultralytics' own architecture yamls (e.g. yolov8n-pose.yaml: scale 'n' of yolov8-pose.yaml), offline."""
-    from ultralytics.nn.tasks import yaml_model_load
-
-    try:
-        return bool(yaml_model_load(name))
-    except Exception:
-        return False
+def _architecture_family(name: str, family: str) -> Optional[str]:
+    """The family that builds the architecture yaml `name` without a file (the named one, or the first that can)."""
+    candidates = families() if family == "auto" else [family_named(family)]
+    return next((f.name for f in candidates if f.resolves_architecture(name)), None)
 
 
-def resolve_teacher(name: str) -> TeacherSource:
-    """Resolve a teacher name or path to a local file, never downloading. Raises ModelError saying where to put it."""
+def resolve_teacher(name: str, family: str = "auto") -> TeacherSource:
+    """Resolve a teacher name or path to a local file, never downloading. Raises ModelError saying where to put it.
+
+    family: `model.family`; 'auto' takes the registry entry's family (a file: the default family), else the family
+    named (which must be registered: act.family.register_family)."""
+    if family != "auto":
+        family_named(family)  # raises ModelError naming the registered families
+    fixed = None if family == "auto" else family
     p = Path(name).expanduser()
     if p.suffix in (".yaml", ".yml"):
         if p.is_file():
-            return TeacherSource(name, p, "yaml")
-        if _is_ultralytics_model_yaml(p.name):
-            return TeacherSource(name, Path(p.name), "yaml")
+            return TeacherSource(name, p, "yaml", fixed or DEFAULT)
+        builder = _architecture_family(p.name, family)
+        if builder:
+            return TeacherSource(name, Path(p.name), "yaml", builder)
         raise ModelError(f"model yaml not found: {name}")
     if p.suffix and p.is_file():
-        return TeacherSource(name, p, "pt")
+        return TeacherSource(name, p, "pt", fixed or DEFAULT)
     reg = registry()
     key = p.stem if p.suffix == ".pt" else name
     entry = reg.get(key)
@@ -70,15 +72,16 @@ def resolve_teacher(name: str) -> TeacherSource:
             raise ModelError(f"teacher checkpoint not found: {name}")
         known = ", ".join(sorted(reg))
         raise ModelError(f"unknown teacher {name!r}: give a path to an Ultralytics .pt, or one of: {known}")
+    fam = fixed or entry.get("family", DEFAULT)
     if entry.get("package"):
         if importlib.util.find_spec(entry["package"]) is not None:
             f = importlib.resources.files(entry["package"]) / entry["file"]
             if f.is_file():
-                return TeacherSource(key, Path(str(f)), "pt", entry.get("family", "ultralytics-yolo"))
+                return TeacherSource(key, Path(str(f)), "pt", fam)
     for d in _weights_dirs():
         f = d / entry["file"]
         if f.is_file():
-            return TeacherSource(key, f, "pt", entry.get("family", "ultralytics-yolo"))
+            return TeacherSource(key, f, "pt", fam)
     where = ", ".join(str(d / entry["file"]) for d in _weights_dirs())
     how = []
     if entry.get("install"):
@@ -92,8 +95,9 @@ def resolve_teacher(name: str) -> TeacherSource:
     )
 
 
-def family_for(model):
-    """The family object for a loaded model (only Ultralytics YOLO so far)."""
-    from teachers.ultralytics_yolo import UltralyticsYOLO
+def family_for(model=None):
+    """Deprecated: use act.family.family_for(model) (or family_named(source.family)). Kept while act/compress.py
+    still calls `family_for(None)` for the default family."""
+    from act.family import default_family, family_for as _family_for
 
-    return UltralyticsYOLO()
+    return default_family() if model is None else _family_for(model)

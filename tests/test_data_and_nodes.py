@@ -42,10 +42,11 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, assets_dir):
 
 def test_detect_model_has_six_nodes():
     from act.distill import find_nodes
-    from teachers import family_for, resolve_teacher
+    from act.family import family_named
+    from teachers import resolve_teacher
 
-    fam = family_for(None)
     src = resolve_teacher("yolov8n.yaml")
+    fam = family_named(src.family)
     model = fam.load(src.path, src.kind)
     nodes = find_nodes(model, fam)
     assert len(nodes) == 6 and {n.branch for n in nodes} == {"box", "cls"}

@@ -68,7 +68,7 @@ def test_channel_map_follows_the_kept_channels_through_pruning_steps(teacher_pat
     map recorded over two pruning steps must point at them (the output conv's bias, untouched by pruning, tells)."""
     import copy
 
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
     from act.config import PruneStage
     from act.distill import channel_map, update_channel_map
     from act.prune import StructuredPruner
@@ -104,7 +104,7 @@ def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_pa
     0.67x to 0.55x at 160 px); close_gap prunes the rest with a global ranking outside the head."""
     import copy
 
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
     from act.config import PruneStage
     from act.prune import GAP_MAX_LAYER_SHARE, StructuredPruner
 
@@ -138,7 +138,7 @@ def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_pa
 
 @pytest.mark.parametrize("keep", [[], ["kpt"], ["kpt", "box"]])
 def test_keep_branches_decides_which_head_branches_keep_their_width(teacher_path, keep):
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
     from act.config import PruneStage
     from act.prune import StructuredPruner
 
@@ -273,7 +273,7 @@ def test_a_planned_step_removes_exactly_the_channels_it_shrank(teacher_path):
     is what prune_to would do; removing zeroed channels changes no output; before that the model keeps its width."""
     import copy
 
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
     from act.config import PruneStage
     from act.prune import StructuredPruner, scale_channels
 
@@ -429,7 +429,7 @@ def test_2to4_groups_run_along_input_channels():
 
 
 def test_unstructured_masks(teacher_path):
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
 
     model, _, _ = load_frozen("yolo11n-pose")
     masks = SparsityMasks.compute(model, "unstructured", ratio=0.7, scope="global", ignore=["*.dfl"])
@@ -455,7 +455,7 @@ def test_a_step_never_overshoots_past_staying_put(teacher_path):
     """round_to 8 makes MACs a staircase: the smallest real cut of yolo11n (stem kept) lands near 0.8x, the next
     near 0.66x. A 0.8x target in 2 steps (0.9x, then 0.8x) must end near 0.8x: a step stays put when that is closer
     to its target than the next stair (before, the GPU benchmark's 0.8x run ended at 0.66x)."""
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
     from act.config import PruneStage
     from act.prune import StructuredPruner
 

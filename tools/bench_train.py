@@ -148,7 +148,7 @@ def bench_plain(args, amp: bool = False) -> Dict[str, Any]:
     """Eager training of the same model: forward, the distillation loss against fixed targets, backward, AdamW."""
     import torch
 
-    from act.compress import load_frozen
+    from act.teacher import load_frozen
     from act.config import DistillConfig
     from act.distill import DistillLoss, FeatureCapture, find_nodes
 
@@ -162,7 +162,7 @@ def bench_plain(args, amp: bool = False) -> Dict[str, Any]:
     if amp:
         model.to(memory_format=torch.channels_last)
     cap = FeatureCapture(model, [n.name for n in nodes])
-    loss_fn = DistillLoss(nodes, DistillConfig(), reg_max=getattr(family.head(model), "reg_max", 16))
+    loss_fn = DistillLoss(nodes, DistillConfig(), reg_max=family.dfl_bins(model))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     x = synthetic_batch(args, device).float().div_(255)
     if amp:

@@ -2,8 +2,8 @@
 
     report = apply_placement(student, quant_config, family, reference=teacher)
 
-1. The model family inserts quantizers where TensorRT wants them besides the conv inputs (teachers/: every Concat
-   input, both inputs of a residual Add, the Upsample input; see teachers/ultralytics_blocks.py).
+1. The model family inserts quantizers where TensorRT wants them besides the conv inputs (families/: every Concat
+   input, both inputs of a residual Add, the Upsample input; see families/ultralytics/blocks.py).
 2. A dry-run trace (act.quant.trace) finds the quantizers that must share one scale:
      fanout    quantizers that see the same tensor (one tensor, one Q: the producer writes INT8 once)
      concat    every input of a Concat and the quantizers that read its output (TensorRT elides the Concat)

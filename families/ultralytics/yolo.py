@@ -1,4 +1,6 @@
-"""Ultralytics YOLOv8 / YOLO11 (detect and pose): loading, head branches, float-only layers, export metadata."""
+"""The Ultralytics YOLOv8 / YOLO11 family (detect and pose), act's built-in `ModelFamily` (act/family.py): loading,
+head branches, float-only layers, Ultralytics' letterbox / NMS / validators / AutoBackend / ONNX exporter, export
+metadata and checkpoint layout. Q/DQ placement inside its blocks: blocks.py; what pruning needs: prune.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from act.errors import ModelError
+from act.family_base import FamilyBase
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics must never reach for the network from act
 
@@ -19,12 +22,12 @@ SUPPORTED_HEADS = ("Detect", "Pose")
 # Branch attributes of the head, in the order Ultralytics concatenates them.
 BRANCHES = {"cv2": "box", "cv3": "cls", "cv4": "kpt"}
 # the attribute holding the conv that produces a block's output channels (Conv: its conv; the C2f family and SPPF end
-# in cv2, the C3 family in cv3; SplitC2f is act's prunable C2f, teachers/ultralytics_prune.py)
+# in cv2, the C3 family in cv3; SplitC2f is act's prunable C2f, prune.py)
 OUTPUT_CONV = {"Conv": "conv", "C2f": "cv2", "C3k2": "cv2", "SplitC2f": "cv2", "SPPF": "cv2", "C2PSA": "cv2",
                "C3": "cv3", "C3k": "cv3", "C3x": "cv3"}
 
 
-class UltralyticsYOLO:
+class UltralyticsYOLO(FamilyBase):
     name = "ultralytics-yolo"
 
     # The decode stays in float: DFL's fixed conv, and everything after the last conv of each branch
@@ -36,12 +39,30 @@ class UltralyticsYOLO:
     placement_rules = {"concat": True, "residual_add": True, "maxpool": True, "upsample": True, "fanout": True}
 
     def insert_block_quantizers(self, model: nn.Module, rules: Dict[str, bool], factory) -> List[str]:
-        """Quantizers at the Concat / residual Add / Upsample inputs of Ultralytics blocks (ultralytics_blocks)."""
-        from teachers.ultralytics_blocks import insert_block_quantizers
+        """Quantizers at the Concat / residual Add / Upsample inputs of Ultralytics blocks (blocks.py)."""
+        from families.ultralytics.blocks import insert_block_quantizers
 
         return insert_block_quantizers(model, rules, factory)
 
-    # ---- loading -------------------------------------------------------------------------------------------------
+    # ---- which models, and loading -------------------------------------------------------------------------------
+    def claims(self, model: nn.Module) -> bool:
+        """An Ultralytics model (a teacher, or a student copied from one): its class comes from ultralytics, or its
+        layer sequence ends in a Detect head (or a subclass: check_supported then says which heads act supports)."""
+        if type(model).__module__.startswith("ultralytics."):
+            return True
+        seq = getattr(model, "model", None)
+        return (isinstance(seq, nn.Sequential) and len(seq) > 0
+                and any(c.__name__ == "Detect" for c in type(seq[-1]).__mro__))
+
+    def resolves_architecture(self, name: str) -> bool:
+        """Ultralytics' own architecture yamls (e.g. yolov8n-pose.yaml: scale 'n' of yolov8-pose.yaml), offline."""
+        from ultralytics.nn.tasks import yaml_model_load
+
+        try:
+            return bool(yaml_model_load(name))
+        except Exception:
+            return False
+
     def load(self, path: Path, kind: str = "pt") -> nn.Module:
         """Load an Ultralytics checkpoint (or build a yaml) and return its nn.Module in FP32, eval mode."""
         from ultralytics import YOLO
@@ -69,8 +90,35 @@ class UltralyticsYOLO:
         model = model.float().eval()
         return model
 
+    def fold_batchnorm(self, model: nn.Module) -> nn.Module:
+        """Ultralytics' own fuse (Conv/DWConv/RepConv... BatchNorm folded into the conv), in eval mode."""
+        was = model.training
+        model.eval()
+        model.fuse(verbose=False)
+        model.train(was)
+        return model
+
+    def load_for_inference(self, path, device):
+        """Ultralytics' AutoBackend (onnxruntime for .onnx, TensorRT for .engine, torch for .pt, ...)."""
+        import contextlib
+        import io
+
+        from ultralytics.nn.autobackend import AutoBackend
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return AutoBackend(str(path), device=device, verbose=False)
+
     def head(self, model: nn.Module) -> nn.Module:
         return model.model[-1]
+
+    def num_classes(self, model: nn.Module) -> int:
+        return int(getattr(self.head(model), "nc", 1))
+
+    def keypoint_shape(self, model: nn.Module) -> Tuple[int, ...]:
+        return tuple(getattr(self.head(model), "kpt_shape", None) or ()) if self.task(model) == "pose" else ()
+
+    def dfl_bins(self, model: nn.Module) -> int:
+        return int(getattr(self.head(model), "reg_max", 16))
 
     def check_supported(self, model: nn.Module, where="model") -> None:
         seq = getattr(model, "model", None)
@@ -131,6 +179,60 @@ class UltralyticsYOLO:
                 return n
         raise ModelError("head module not found in model")
 
+    # ---- pre- and post-processing (Ultralytics' own) --------------------------------------------------------------
+    def letterbox(self, image, imgsz: int):
+        """Ultralytics' LetterBox(auto=False): the square letterbox of `yolo val` / `yolo predict` on exports."""
+        from ultralytics.data.augment import LetterBox
+
+        return LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True, stride=32)(image=image)
+
+    def pil_open(self, path):
+        """PIL's own Image.open: Ultralytics patches it to pip-install a HEIF plugin on any unidentified file."""
+        from PIL import Image
+
+        try:
+            from ultralytics.utils import patches
+
+            return getattr(patches, "_image_open", Image.open)(path)
+        except ImportError:
+            return Image.open(path)
+
+    def nms(self, pred: torch.Tensor, conf: float, iou: float, nc: int, multi_label: bool = False,
+            max_det: int = 300) -> List[torch.Tensor]:
+        from ultralytics.utils.nms import non_max_suppression
+
+        return non_max_suppression(pred, conf, iou, nc=nc, multi_label=multi_label, max_det=max_det)
+
+    def oks_sigmas(self, nk: int):
+        import numpy as np
+        from ultralytics.utils.metrics import OKS_SIGMA
+
+        return OKS_SIGMA.astype(np.float64) if nk == 17 else np.ones(nk) / nk
+
+    def labeled_metrics(self, model, data: str, task: str, imgsz: int, batch_size: int, split: str, device,
+                        workdir, rect: bool = True) -> Dict[str, float]:
+        """Ultralytics' Detection/PoseValidator, the same code as `yolo val` (validate.py)."""
+        from families.ultralytics.validate import labeled_metrics
+
+        return labeled_metrics(model, data, task, imgsz, batch_size, split, device, workdir, rect)
+
+    # ---- export and checkpoints ----------------------------------------------------------------------------------
+    def export_onnx(self, model: nn.Module, im: torch.Tensor, path, opset: int, input_names: List[str],
+                    output_names: List[str], dynamic: Optional[Dict] = None) -> None:
+        """Ultralytics' torch2onnx, as `yolo export format=onnx` traces."""
+        from ultralytics.utils.export.engine import torch2onnx
+
+        torch2onnx(model, im, path, opset=opset, input_names=input_names, output_names=output_names,
+                   dynamic=dynamic)
+
+    def checkpoint(self, model: nn.Module, act_state: Dict, train_args: Optional[Dict] = None) -> Dict:
+        """Ultralytics' own keys (`model` holds the module, `train_args`, `date`, `version`), so `YOLO()` loads it,
+        plus `act` with the training state."""
+        from ultralytics import __version__
+
+        return {"date": datetime.now().isoformat(), "version": __version__, "model": model,
+                "train_args": train_args or {}, "act": act_state}
+
     def prepare_for_export(self, model: nn.Module, dynamic: bool = False) -> None:
         """Switch the head to export mode: one decoded output tensor (B, 4+nc(+nk), anchors)."""
         head = self.head(model)
@@ -184,19 +286,19 @@ class UltralyticsYOLO:
         return meta
 
 
-    # ---- structured pruning (act.prune; details in teachers/ultralytics_prune.py) ----------------------------------
+    # ---- structured pruning (act.prune; details in prune.py) ---------------------------------------------------
     def prune_ignored(self, model: nn.Module, keep_branches=()) -> List[nn.Module]:
-        from teachers.ultralytics_prune import prune_ignored
+        from families.ultralytics.prune import prune_ignored
 
         return prune_ignored(self, model, keep_branches)
 
     def prepare_for_pruning(self, model: nn.Module) -> nn.Module:
-        from teachers.ultralytics_prune import split_c2f_blocks
+        from families.ultralytics.prune import split_c2f_blocks
 
         split_c2f_blocks(model)
         return model
 
     def prune_forward(self, model: nn.Module, x: torch.Tensor):
-        from teachers.ultralytics_prune import prune_forward
+        from families.ultralytics.prune import prune_forward
 
         return prune_forward(model, x)

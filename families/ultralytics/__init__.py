@@ -1,0 +1,6 @@
+"""The Ultralytics YOLO family: yolo.py (the family object), blocks.py (Q/DQ placement inside Ultralytics blocks),
+prune.py (what torch-pruning needs), validate.py (labeled mAP with Ultralytics' validators)."""
+
+from families.ultralytics.yolo import UltralyticsYOLO
+
+__all__ = ["UltralyticsYOLO"]
