@@ -106,13 +106,14 @@ def fill_ram_cache(paths: Sequence[Path], imgsz: int, scale_hi: float, max_gb: f
 
 
 def build_train_loader(cfg, paths: Sequence[Path], seed: int = 0, rank: int = 0, world_size: int = 1,
-                       device_type: str = "cpu", start: int = 0) -> DataLoader:
-    """Endless DataLoader of this rank's batches (uint8 RGB CHW; (images, bad_paths) per batch)."""
+                       device_type: str = "cpu", start: int = 0, letterbox_fn=None) -> DataLoader:
+    """Endless DataLoader of this rank's batches (uint8 RGB CHW; (images, bad_paths) per batch). letterbox_fn: the
+    model family's letterbox (act.data; default: the default family's)."""
     paths = list(paths)
     if cfg.max_images:
         paths = paths[: cfg.max_images]
     aug = cfg.augmentation
-    ds = UnlabeledImages(paths, cfg.imgsz, aug, cache=False, seed=seed)
+    ds = UnlabeledImages(paths, cfg.imgsz, aug, cache=False, seed=seed, letterbox_fn=letterbox_fn)
     if cfg.cache_ram:
         ds.cache = fill_ram_cache(paths, cfg.imgsz, aug.scale[1] if aug else 1.0, cfg.cache_max_gb)
     workers = resolve_workers(cfg.workers, world_size)
