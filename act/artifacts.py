@@ -2,9 +2,10 @@
 
 An artifact is a teacher name (teachers/registry.yaml), an Ultralytics .pt, an act checkpoint (best.pt, last.pt,
 ptq.pt: its fake-quantized student runs in torch), or an exported file (.onnx, .engine, ...: the model family's
-`load_for_inference` runs it; Ultralytics' AutoBackend, onnxruntime for ONNX). Metrics: CocoEvaluator (Ultralytics' validators) on a labeled data yaml,
-and, given a teacher, FidelityEvaluator on unlabeled images (default: the held-out slice of the data yaml's train
-split, the same images `act compress` holds out).
+`load_for_inference` runs it; Ultralytics' AutoBackend, onnxruntime for ONNX). Metrics: CocoEvaluator (the
+family's labeled evaluation: Ultralytics' validators) on a labeled data yaml, and, given a teacher, FidelityEvaluator
+on unlabeled images (default: the held-out slice of the data yaml's train split, the same images `act compress`
+holds out).
 """
 
 from __future__ import annotations
