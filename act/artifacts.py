@@ -38,7 +38,7 @@ class Artifact:
 
 def load_artifact(spec: str) -> Artifact:
     """Resolve a model argument to something CocoEvaluator / FidelityEvaluator run. Raises ModelError (exit 2)."""
-    from act.compress import load_frozen
+    from act.build import load_frozen
     from teachers import family_for
 
     p = Path(spec).expanduser()
@@ -96,7 +96,7 @@ def evaluate_artifacts(models: Sequence[str], data: Optional[str] = None, imgsz:
     """One row per model: {model, format, task, imgsz, metrics..., time_s}. rect=False (default) letterboxes every
     image to the square imgsz for every model, so torch rows compare with fixed-shape exports (which are always
     square); rect=True gives the numbers of `yolo val` for torch models."""
-    from act.compress import load_frozen, select_device
+    from act.build import load_frozen, select_device
     from act.distill import find_nodes
     from act.evaluate import CocoEvaluator, EvalContext
     from act.fidelity import FidelityEvaluator

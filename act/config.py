@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from act.errors import ConfigError, ModelError
+from act.losses import LOSSES
+from act.quant.calibrators import CALIBRATORS
 
 
 class _Section(BaseModel):
@@ -98,7 +100,7 @@ class LossSpec(_Section):
     class score there (its highest sigmoid class probability at the same pyramid level), so the box / keypoint loss
     is spent where the model's outputs are used, not on background anchors whose boxes and keypoints are discarded."""
 
-    type: Literal["soft_label", "l2", "bce"]
+    type: Literal[tuple(LOSSES)]
     temperature: float = Field(1.0, gt=0)
     axis: Literal["channel", "spatial", "dfl"] = "channel"
     weight: float = Field(1.0, ge=0)
@@ -213,8 +215,12 @@ class AnalyzeConfig(_Section):
     batch_size: Optional[int] = Field(None, ge=1, description="default: eval.batch_size")
 
 
+# the calibrators' names, from their one list (act.quant.calibrators)
+Calibrator = Literal[tuple(CALIBRATORS)]
+
+
 class PTQCandidate(_Section):
-    calibrator: Literal["minmax", "percentile", "mse", "entropy"]
+    calibrator: Calibrator
     percentile: float = Field(99.99, gt=0, le=100)
 
 
@@ -279,7 +285,13 @@ class QuantConfig(_Section):
         default_factory=list, description="module-name globs (or 're:' regexes) kept in float; 'auto': the most "
                                           "sensitive layers by `act analyze`, within quant.auto_skip's budget")
     auto_skip: AutoSkipConfig = Field(default_factory=AutoSkipConfig, description="budget of quant.skip: auto")
-    calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages before training")
+    calibrator: Union[Literal["search", "ema"], Calibrator] = Field(
+        "search", description="how the activation ranges start before distillation: search: each PTQ calibrator of "
+                              "auto.search on ptq.num_images images, the best by label-free fidelity (eval.metric if "
+                              "it is a fidelity key, else the task's fidelity mAP); a calibrator name: that one (ptq.* "
+                              "settings); ema: the moving average over calib_batches training batches. Ignored with "
+                              "init_from")
+    calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages (calibrator: ema)")
     init_from: Optional[str] = Field(
         None, description="an act checkpoint (e.g. an `act ptq` output's ptq.pt) whose calibrated activation ranges "
                           "start the moving averages and PACT alphas, instead of calibrating on calib_batches"
@@ -311,6 +323,11 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: Optional[float] = Field(10.0, gt=0)
     amp: Literal["none", "bf16", "fp16"] = "none"
+    ema: Optional[float] = Field(
+        None, gt=0, lt=1, description="weight EMA of the student with this decay (e.g. 0.999), ramped up as "
+                                     "decay * (1 - exp(-step / ema_tau)): evaluated, kept as best.pt and exported "
+                                     "instead of the raw student; null: off")
+    ema_tau: float = Field(200.0, gt=0, description="iterations over which the EMA decay ramps up")
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
     log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
@@ -333,9 +350,6 @@ class TrainConfig(_Section):
         if self.iterations is not None and self.epochs is not None:
             raise ValueError("set either iterations or epochs, not both")
         return self
-
-
-Calibrator = Literal["minmax", "percentile", "mse", "entropy"]
 
 
 class PTQConfig(_Section):
@@ -705,7 +719,7 @@ def check_paths(cfg: RunConfig) -> None:
     if cfg.quant.init_from and not Path(cfg.quant.init_from).is_file():
         raise ConfigError(f"invalid config:\n  quant.init_from: file not found (got {cfg.quant.init_from!r})")
     if cfg.export.tensorrt.enabled:
-        from act.engine import import_tensorrt
+        from act.optional_deps import import_tensorrt
 
         import_tensorrt()  # export.tensorrt.enabled without TensorRT: exit 2 now, not after training
     for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):

@@ -69,6 +69,10 @@ class UltralyticsYOLO:
         model = model.float().eval()
         return model
 
+    def fold_batchnorm(self, model: nn.Module) -> nn.Module:
+        model.fuse(verbose=False)
+        return model
+
     def head(self, model: nn.Module) -> nn.Module:
         return model.model[-1]
 
