@@ -2,7 +2,10 @@
 
 import os as _os
 
-_os.environ.setdefault("YOLO_OFFLINE", "1")  # act never lets Ultralytics reach for the network
+# Whether the user asked for offline before act set its default: a registered teacher that is not on disk is then
+# never fetched (teachers.resolve_teacher). Otherwise Ultralytics stays off the network inside act (YOLO_OFFLINE=1).
+USER_OFFLINE = _os.environ.get("YOLO_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+_os.environ.setdefault("YOLO_OFFLINE", "1")
 
 __version__ = "0.1.0"
 

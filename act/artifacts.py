@@ -40,7 +40,7 @@ def load_artifact(spec: str, family: str = "auto") -> Artifact:
     family: the act.family name that loads teachers and runs exports ('auto': the teacher's registry entry / the
     default family; an act checkpoint's module is claimed by its family)."""
     from act.family import family_for
-    from act.teacher import load_frozen
+    from act.build import load_frozen
 
     p = Path(spec).expanduser()
     if p.suffix and p.suffix not in TORCH_SUFFIXES and p.suffix not in (".yaml", ".yml"):
@@ -97,8 +97,7 @@ def evaluate_artifacts(models: Sequence[str], data: Optional[str] = None, imgsz:
     """One row per model: {model, format, task, imgsz, metrics..., time_s}. rect=False (default) letterboxes every
     image to the square imgsz for every model, so torch rows compare with fixed-shape exports (which are always
     square); rect=True gives the numbers of `yolo val` for torch models."""
-    from act.compress import select_device
-    from act.teacher import load_frozen
+    from act.build import load_frozen, select_device
     from act.distill import find_nodes
     from act.evaluate import CocoEvaluator, EvalContext
     from act.fidelity import FidelityEvaluator

@@ -30,9 +30,10 @@ def _compress(args) -> int:
 
 
 def _ptq(args) -> int:
+    from act.analyze import AutoSkip
     from act.ptq import PostTrainingQuantization
 
-    PostTrainingQuantization(args.config, overrides=args.overrides).run(exist_ok=args.exist_ok)
+    PostTrainingQuantization(args.config, overrides=args.overrides, hooks=[AutoSkip()]).run(exist_ok=args.exist_ok)
     return 0
 
 

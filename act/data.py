@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import math
+import os
 import random
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -341,9 +342,24 @@ def build_loader(cfg, seed: int = 0, shuffle: bool = True, augment: bool = True,
     )
 
 
-def _workers(w) -> int:
-    from act.pipeline import resolve_workers
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
 
+
+def resolve_workers(workers, world_size: int = 1) -> int:
+    """'auto': half of this rank's share of the CPU cores, at most 8. The training process itself is bound by kernel
+    launches (one core, at full speed), so the loader must not crowd it out: on an H200 with 16 cores, 15 workers
+    fed the step with 0.5% wait yet the step ran 45% slower than on GPU-resident batches (docs/scale.md)."""
+    if workers != "auto":
+        return int(workers)
+    share = cpu_cores() // max(1, world_size)
+    return max(1, min(8, share // 2)) if share > 1 else 0
+
+
+def _workers(w) -> int:
     return resolve_workers(w)
 
 

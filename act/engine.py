@@ -29,28 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from act.config import TensorRTConfig
 from act.errors import ActError
-
-
-class TensorRTMissing(ActError):
-    """The optional `tensorrt` package is not installed. Exit code 2."""
-
-    exit_code = 2
-
-
-INSTALL_HINT = "pip install act[tensorrt]  (or NVIDIA's `tensorrt` wheel matching your CUDA; needs an NVIDIA GPU)"
-
-
-def import_tensorrt(purpose: str = "building a TensorRT engine"):
-    try:
-        import tensorrt as trt  # noqa: F401
-    except ImportError as e:
-        raise TensorRTMissing(f"{purpose} needs the `tensorrt` Python package, which is not installed "
-                              f"here ({e}). Install it with: {INSTALL_HINT}") from None
-    except Exception as e:  # e.g. the wheel is there but libnvinfer / the CUDA driver is not
-        raise TensorRTMissing(f"the `tensorrt` package is installed but cannot load ({type(e).__name__}: {e}). "
-                              f"It needs an NVIDIA GPU, its driver and a matching CUDA; see {INSTALL_HINT}") from None
-    return trt
+from act.optional_deps import INSTALL_HINT, TensorRTMissing, import_tensorrt  # noqa: F401 (re-exported)
 
 
 # ---- the .engine file: Ultralytics' metadata header + serialized engine ---------------------------------------------
@@ -119,8 +100,6 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg=None, metadata: Optiona
                  log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Build a TensorRT engine from a Q/DQ ONNX and write it with the Ultralytics header. `cfg`: an
     act.config.TensorRTConfig (defaults if None). metadata: default the ONNX's own. Returns a report dict."""
-    from act.config import TensorRTConfig
-
     cfg = cfg or TensorRTConfig()
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)

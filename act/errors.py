@@ -7,6 +7,8 @@ memory), 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM. See docs/re
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class ActError(Exception):
     """An error caused by the user's input or environment; the CLI prints it without a stack trace."""
@@ -53,6 +55,8 @@ class ResourceError(ActError):
 class Interrupted(ActError):
     """Stopped by SIGINT (exit 130) or SIGTERM (exit 143) after writing last.pt."""
 
-    def __init__(self, message: str, exit_code: int = 130):
+    def __init__(self, message: str, exit_code: int = 130, iteration: Optional[int] = None, state: str = ""):
         super().__init__(message)
         self.exit_code = exit_code
+        self.iteration = iteration  # where the run stopped, and what it saved ("last.pt saved at ..."):
+        self.state = state  # a staged run words its own message from them

@@ -63,6 +63,10 @@ class ModelFamily(Protocol):
     def resolves_architecture(self, name: str) -> bool:
         """True if `name` (e.g. 'yolov8n-pose.yaml') is an architecture this family builds without a file."""
 
+    def fetch_weights(self, file: str, folder) -> Optional[Any]:
+        """Download the family's published checkpoint `file` (e.g. 'yolov8s-pose.pt') into `folder` the way its
+        library does; the local path, or None when it cannot (offline, unknown file)."""
+
     def load(self, path, kind: str = "pt") -> nn.Module:
         """The model of a checkpoint (kind 'pt') or an architecture yaml (kind 'yaml'), FP32, eval mode. Raises
         ModelError for anything it cannot load."""

@@ -36,6 +36,9 @@ class FamilyBase:
     def resolves_architecture(self, name: str) -> bool:
         return False
 
+    def fetch_weights(self, file: str, folder) -> Optional[Path]:
+        return None  # (a family without published weights)
+
     def load(self, path, kind: str = "pt") -> nn.Module:
         """A torch file holding a module, or a dict with one under 'model'."""
         if kind != "pt":

@@ -3,7 +3,7 @@
 The same student as `act compress` (same quantizers, same Q/DQ placement), no training: activation ranges come from
 a calibrator (minmax | percentile | mse | entropy, see act.quant.calib) over the first `ptq.num_images` images of the
 unlabeled pool, without augmentation; weights keep their per-channel abs-max. Then the same evaluation (built-in mAP
-if eval.data is set, label-free fidelity) and the same export + parity as `compress` (AutoCompression.finish).
+if eval.data is set, label-free fidelity) and the same export + parity as `compress` (act.deliver).
 
 Outputs in output_dir: ptq.pt (an act checkpoint; `quant.init_from: <dir>/ptq.pt` starts a `compress` run from its
 ranges), student.onnx, summary.json, config.yaml, tensorboard/.
@@ -12,18 +12,18 @@ ranges), student.onnx, summary.json, config.yaml, tensorboard/.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
-from act.compress import AutoCompression, _fmt
-from act.data import as_model_input, build_loader, resolve_source
+from act.calibration import calibrate, calibration_loader
 from act.errors import ConfigError
 from act.monitor import RunLogger
-from act.quant.calib import CalibrationResult, calibrate_ranges, set_ranges
+from act.quant.calib import CalibrationResult
+from act.run import Run, fmt_metrics as _fmt
 
 
-class PostTrainingQuantization(AutoCompression):
+class PostTrainingQuantization(Run):
     """`PostTrainingQuantization(config).run()` -> summary dict. Config: a RunConfig; its `ptq` section applies."""
 
     CHECKPOINT = "ptq.pt"
@@ -36,48 +36,18 @@ class PostTrainingQuantization(AutoCompression):
         self.setup_eval()
         self.total_iters = 0
 
-    def calibration_loader(self):
-        cfg = self.cfg
-        p = cfg.ptq
-        if p.source:
-            paths = resolve_source(p.source)
-        elif self.pool is not None:
-            paths = self.pool  # the pool less the held-out fidelity slice
-        else:
-            paths = resolve_source(cfg.data.train)
-        data = cfg.data.model_copy(update={"max_images": None, "cache": False})
-        return build_loader(data, seed=cfg.train.seed, shuffle=False, augment=False, paths=paths[: p.num_images],
-                            batch_size=p.batch_size or cfg.data.batch_size)
-
-    def forward_loop(self, loader):
-        """The calibration pass over `loader`: unreadable images counted, the distillation captures dropped."""
-        def loop(model):
-            for images, bad in loader:
-                if bad:
-                    self.bad_images.extend(b for b in bad if b not in self.bad_images)
-                if images is not None and len(images):
-                    model(as_model_input(images, self.device))
-            self.s_capture.pop()
-
-        return loop
-
     def calibrate_ptq(self) -> CalibrationResult:
-        loader = self.calibration_loader()
+        loader = calibration_loader(self)
         p = self.cfg.ptq
-        result = calibrate_ranges(self.student, self.forward_loop(loader), p.calibrator, p.percentile, p.bins)
-        set_ranges(self.student, result.ranges)
+        result = calibrate(self, loader, p.calibrator, p.percentile)
         self.calibration_images = len(loader.dataset)
         return result
 
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
         t0 = time.time()
-        self._prepare_output(False, exist_ok, marker_name=self.CHECKPOINT)
+        self.prepare_output(False, exist_ok, marker_name=self.CHECKPOINT)
         self.setup()
-        self.best_metric = None
         self.best_iteration = 0
-        self.history: List[Dict[str, Any]] = []
-        self.bad_images: List[str] = []
-        self.nonfinite_steps = 0
         log = RunLogger(self.out / "tensorboard")
         p = self.cfg.ptq
         print(f"act: PTQ calibration ({p.calibrator}) on {p.num_images} images")

@@ -270,7 +270,7 @@ def _write_report(out: Path, summary, runner, log, student, teacher, family) -> 
     teacher = teacher if teacher is not None else getattr(runner, "teacher", None)
     family = family if family is not None else getattr(runner, "family", None)
     if teacher is None or family is None:
-        from act.teacher import load_frozen
+        from act.build import load_frozen
 
         teacher, family, _ = load_frozen(summary["teacher"], cfg.model.family)
 

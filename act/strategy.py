@@ -11,7 +11,7 @@
    prune (to the target) -> quant (distillation QAT) of act.stages; the decision is logged like the others.
 
 Every decision is printed (`act: decision: ...`), kept in summary.json["decisions"] and shown in the report.
-`strategy: ptq` runs `act ptq`; `strategy: qat` runs distillation QAT (AutoCompression) only.
+`strategy: ptq` runs `act ptq`; `strategy: qat` runs distillation QAT (act.trainer) only.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
-from act.compress import AutoCompression, _fmt
+from act.analyze import AutoSkip
+from act.calibration import calibration_loader, fidelity_score, label as _label, search
 from act.config import RunConfig
 from act.errors import ConfigError
+from act.hooks import RunHooks
 from act.monitor import RunLogger
 from act.ptq import PostTrainingQuantization
-from act.quant.calib import collect_histograms, ranges_from_histograms, set_ranges
+from act.run import fmt_metrics as _fmt
+from act.stages import StagedRun
+from act.trainer import Trainer
 from act.targets import check_target, target_metric
 
 PRUNE_MODULE = "act.prune"
@@ -41,10 +43,6 @@ def pruning_available() -> bool:
         return importlib.util.find_spec(PRUNE_MODULE) is not None
     except (ImportError, ValueError):
         return False
-
-
-def _label(c) -> str:
-    return f"{c.calibrator} {c.percentile:g}" if c.calibrator == "percentile" else c.calibrator
 
 
 def _decide(decisions: List[Dict[str, Any]], stage: str, decision: str, **numbers) -> None:
@@ -58,7 +56,7 @@ class PTQProbe(PostTrainingQuantization):
     """The PTQ stage of `auto`: one histogram pass, a small search over calibrators, the best kept."""
 
     def __init__(self, config: RunConfig, decisions: List[Dict[str, Any]]):
-        super().__init__(config)
+        super().__init__(config, hooks=[AutoSkip()])
         self.decisions = decisions
         self.accepted = False
         self.candidates: List[Dict[str, Any]] = []
@@ -66,13 +64,9 @@ class PTQProbe(PostTrainingQuantization):
     def run(self, resume: bool = False, exist_ok: bool = False) -> Optional[Dict[str, Any]]:
         cfg = self.cfg
         t0 = time.time()
-        self._prepare_output(False, exist_ok, marker_name=self.CHECKPOINT)
-        self.resuming = False
+        self.prepare_output(False, exist_ok, marker_name=self.CHECKPOINT)
         self.setup()
-        self.best_metric, self.best_iteration = None, 0
-        self.history: List[Dict[str, Any]] = []
-        self.bad_images: List[str] = []
-        self.nonfinite_steps = 0
+        self.best_iteration = 0
         log = RunLogger(self.out / "tensorboard")
         if not self.evaluators:
             raise ConfigError("invalid config:\n  strategy: auto needs an evaluation to decide with: keep "
@@ -85,35 +79,26 @@ class PTQProbe(PostTrainingQuantization):
         self.history.append({"iteration": 0, "before": before})
 
         # one pass of histograms for every candidate calibrator
-        num = cfg.auto.probe_images or cfg.ptq.num_images
-        self.cfg = cfg.model_copy(update={"ptq": cfg.ptq.model_copy(update={"num_images": num})})
-        loader = self.calibration_loader()
-        self.cfg = cfg
-
+        loader = calibration_loader(self, cfg.auto.probe_images or cfg.ptq.num_images)
         t_cal = time.time()
-        top, hist = collect_histograms(self.student, self.forward_loop(loader), cfg.ptq.bins)
         target = cfg.auto.target
         metric = target_metric(target, self.task)
         print(f"act: PTQ probe: {len(cfg.auto.search)} calibrators on {len(loader.dataset)} images, target "
               f"{metric}")
-        best = None
-        for i, cand in enumerate(cfg.auto.search):
-            result = ranges_from_histograms(top, hist, cand.calibrator, cand.percentile)
-            set_ranges(self.student, result.ranges)
-            res = self.evaluate(self.student, 0)
-            met, info = check_target(target, res, self.teacher_eval, self.task, where="auto.target")
-            snr = res.get("fidelity_snr_db_mean", -math.inf)
-            row = {"calibrator": _label(cand), **info, "snr_db": snr,
-                   "metrics": {k: v for k, v in res.items() if "/" not in k}}
-            self.candidates.append(row)
-            log.scalars(f"probe/{_label(cand).replace(' ', '_')}", {k: v for k, v in res.items() if "/" not in k}, i)
-            print(f"act: PTQ probe {_label(cand)}: {_fmt(res)}")
-            key = (info["value"] if not math.isnan(info["value"]) else -math.inf, snr)
-            if best is None or key > best[0]:
-                best = (key, cand, result, res, info)
+
+        def tried(i: int, t) -> None:
+            _, info = check_target(target, t.metrics, self.teacher_eval, self.task, where="auto.target")
+            slim = {k: v for k, v in t.metrics.items() if "/" not in k}
+            self.candidates.append({"calibrator": t.label, **info, "snr_db": t.metrics.get("fidelity_snr_db_mean",
+                                                                                           -math.inf),
+                                    "metrics": slim})
+            log.scalars(f"probe/{t.label.replace(' ', '_')}", slim, i)
+            print(f"act: PTQ probe {t.label}: {_fmt(t.metrics)}")
+
+        best, _ = search(self, loader, cfg.auto.search, fidelity_score(metric), on_result=tried)
         calibrate_time = time.time() - t_cal
-        _, cand, result, res, info = best
-        set_ranges(self.student, result.ranges)
+        cand, result, res = best.candidate, best.result, best.metrics
+        _, info = check_target(target, res, self.teacher_eval, self.task, where="auto.target")
         self.best_calibrator = cand
         self.best_eval = res
         self.history.append({"iteration": 0, "eval": res})
@@ -151,39 +136,45 @@ class PTQProbe(PostTrainingQuantization):
         return summary
 
 
-class TargetedCompression(AutoCompression):
-    """Distillation QAT that stops at the first eval where the target is met."""
+class QATTarget(RunHooks):
+    """Distillation QAT that stops at the first eval where the target is met, and says so in the decisions."""
 
-    target = None
-    teacher_eval: Dict[str, float] = {}
+    def __init__(self, target, teacher_eval: Dict[str, float], decisions: List[Dict[str, Any]],
+                 info: Dict[str, Any]):
+        self.target, self.teacher_eval, self.decisions, self.info = target, teacher_eval, decisions, info
+        self.stopped_early: Optional[int] = None
 
-    def early_stop(self, results: Dict[str, float], iteration: int) -> bool:
+    def should_stop(self, run, results: Dict[str, float], iteration: int) -> bool:
         if self.target is None or not results:
             return False
-        met, info = check_target(self.target, results, self.teacher_eval, self.task, where="auto.qat_target")
+        met, info = check_target(self.target, results, self.teacher_eval, run.task, where="auto.qat_target")
         if met:
-            _decide(self.decisions, "qat", f"stop early at iteration {iteration}/{self.total_iters}",
+            _decide(self.decisions, "qat", f"stop early at iteration {iteration}/{run.total_iters}",
                     iteration=iteration, metric=info["metric"], value=info["value"], threshold=info["threshold"],
                     why=f"{info['metric']} {info['value']:.4f} >= target {info['threshold']:.4f}")
             self.stopped_early = iteration
         return met
 
-    def finish(self, log, before, it, train_time, checkpoint="best.pt", extra=None):
-        if self.target is not None and not getattr(self, "stopped_early", None):
-            evals = [h["eval"] for h in self.history if h.get("eval")]
+    def before_delivery(self, run, checkpoint: str, extra: Dict[str, Any]) -> None:
+        if self.target is not None and not self.stopped_early:
+            evals = [h["eval"] for h in run.history if h.get("eval")]
             last = None
             if evals:
-                _, last = check_target(self.target, evals[-1], self.teacher_eval, self.task, where="auto.qat_target")
-            _decide(self.decisions, "qat", f"trained all {it} iterations; target not met",
+                _, last = check_target(self.target, evals[-1], self.teacher_eval, run.task, where="auto.qat_target")
+            _decide(self.decisions, "qat", f"trained all {run.total_iters} iterations; target not met",
                     **({"metric": last["metric"], "value": last["value"], "threshold": last["threshold"],
                         "why": f"last {last['metric']} {last['value']:.4f} < target {last['threshold']:.4f}"}
                        if last else {"why": "no evaluation ran"}))
-        extra = dict(extra or {})
         extra["mode"] = "qat"
-        extra["strategy"] = {**getattr(self, "strategy_info", {}), "stopped_early_at": getattr(self, "stopped_early",
-                                                                                              None)}
-        _save_decisions(self.out, self.decisions)
-        return super().finish(log, before, it, train_time, checkpoint=checkpoint, extra=extra)
+        extra["strategy"] = {**self.info, "stopped_early_at": self.stopped_early}
+        _save_decisions(run.out, self.decisions)
+
+
+def _targeted_trainer(cfg: RunConfig, target, teacher_eval: Dict[str, float], decisions: List[Dict[str, Any]],
+                      info: Dict[str, Any]) -> Trainer:
+    runner = Trainer(cfg, hooks=[QATTarget(target, teacher_eval, decisions, info)])
+    runner.decisions = decisions
+    return runner
 
 
 def _save_decisions(out: Path, decisions) -> None:
@@ -241,7 +232,7 @@ class AutoStrategy:
         raw = {**self.cfg.dump(), "strategy": "qat", "stages": stages}
         raw["auto"] = {**raw.get("auto", {}), "prune": None}
         staged = RunConfig.model_validate(raw)
-        summary = AutoCompression(staged).run(resume=resume, exist_ok=exist_ok)
+        summary = StagedRun(staged).run(resume=resume, exist_ok=exist_ok)
         summary["decisions"] = list(self.decisions) + list(summary.get("decisions") or [])
         _save_decisions(self.out, summary["decisions"])
         return summary
@@ -255,13 +246,12 @@ class AutoStrategy:
         print(f"act: strategy auto: resuming the QAT stage in {self.out}")
         qcfg = load_config(self.out / "config.yaml")
         state = load_checkpoint(self.out / "last.pt")["act"]
-        runner = TargetedCompression(qcfg)
         dec = self.out / "decisions.json"
-        runner.decisions = self.decisions = json.loads(dec.read_text()) if dec.is_file() else []
-        runner.target = self.cfg.auto.qat_target or self.cfg.auto.target
+        self.decisions = json.loads(dec.read_text()) if dec.is_file() else []
         hist = state.get("history") or [{}]
-        runner.teacher_eval = hist[0].get("before", {}).get("teacher", {})
-        runner.strategy_info = {"name": "auto", "stage": "qat", "resumed": True}
+        runner = _targeted_trainer(qcfg, self.cfg.auto.qat_target or self.cfg.auto.target,
+                                   hist[0].get("before", {}).get("teacher", {}), self.decisions,
+                                   {"name": "auto", "stage": "qat", "resumed": True})
         return runner.run(resume=True, exist_ok=True)
 
     def _qat(self, probe: PTQProbe, resume: bool, t0: Optional[float] = None) -> Dict[str, Any]:
@@ -275,19 +265,15 @@ class AutoStrategy:
             evalc = evalc.model_copy(update={"metric": target_metric(qat_target, task)})
         qcfg = RunConfig.model_validate({**cfg.dump(), "strategy": "qat", "quant": quant.model_dump(mode="json"),
                                          "eval": evalc.model_dump(mode="json")})
-        runner = TargetedCompression(qcfg)
-        runner.decisions = self.decisions
-        runner.target = qat_target
-        runner.teacher_eval = probe.teacher_eval
-        runner.known_before = {"teacher": probe.teacher_eval, "student_init": probe.best_eval}
-        runner.auto_skip = getattr(probe, "auto_skip", None)
         # the target's metric must exist in the evaluations QAT runs (same evaluators as the probe)
         check_target(qat_target, probe.best_eval, probe.teacher_eval, probe.task, where="auto.qat_target")
-        runner.strategy_info = {
+        runner = _targeted_trainer(qcfg, qat_target, probe.teacher_eval, self.decisions, {
             "name": "auto", "stage": "qat", "target": _target_json(cfg.auto.target, task),
             "qat_target": _target_json(qat_target, task), "probe": probe.candidates,
             "probe_calibrator": _label(probe.best_calibrator), "probe_time_s": round(probe.probe_time, 2),
-        }
+        })
+        runner.known_before = {"teacher": probe.teacher_eval, "student_init": probe.best_eval}
+        runner.auto_skip = probe.auto_skip
         summary = runner.run(resume=resume, exist_ok=True)
         return summary
 
@@ -299,7 +285,7 @@ def run_strategy(cfg: RunConfig, resume: bool = False, exist_ok: bool = False) -
         raise ConfigError(f"invalid config:\n  strategy: {cfg.strategy!r} runs in one process; data-parallel "
                           f"(--devices) is for strategy: qat")
     if cfg.strategy == "ptq":
-        return PostTrainingQuantization(cfg).run(exist_ok=exist_ok)
+        return PostTrainingQuantization(cfg, hooks=[AutoSkip()]).run(exist_ok=exist_ok)
     if cfg.strategy == "qat":
-        return AutoCompression(cfg).run(resume=resume, exist_ok=exist_ok)
+        return Trainer(cfg, hooks=[AutoSkip()]).run(resume=resume, exist_ok=exist_ok)
     return AutoStrategy(cfg).run(resume=resume, exist_ok=exist_ok)

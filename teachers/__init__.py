@@ -47,7 +47,8 @@ def _architecture_family(name: str, family: str) -> Optional[str]:
 
 
 def resolve_teacher(name: str, family: str = "auto") -> TeacherSource:
-    """Resolve a teacher name or path to a local file, never downloading. Raises ModelError saying where to put it.
+    """Resolve a teacher name or path to a local file. A registered name not on disk is downloaded by its family
+    (unless the user set YOLO_OFFLINE); else ModelError says where to put it.
 
     family: `model.family`; 'auto' takes the registry entry's family (a file: the default family), else the family
     named (which must be registered: act.family.register_family)."""
@@ -82,22 +83,36 @@ def resolve_teacher(name: str, family: str = "auto") -> TeacherSource:
         f = d / entry["file"]
         if f.is_file():
             return TeacherSource(key, f, "pt", fam)
+    fetched = _fetch(entry, fam)
+    if fetched is not None:
+        return TeacherSource(key, fetched, "pt", fam)
     where = ", ".join(str(d / entry["file"]) for d in _weights_dirs())
     how = []
     if entry.get("install"):
         how.append(f"`{entry['install']}`")
     if entry.get("url"):
         how.append(f"download {entry['url']}")
+    why = ("offline: YOLO_OFFLINE is set, so act did not download it" if _user_offline() else
+           "act could not download it (no network?)" if entry.get("url") else "it is not downloadable")
     raise ModelError(
-        f"teacher {key!r} is not on this machine (act never downloads). Put {entry['file']} at one of: {where}"
+        f"teacher {key!r} is not on this machine ({why}). Put {entry['file']} at one of: {where}"
         + (f" ({' or '.join(how)})" if how else "")
         + ", or set model.teacher to its path."
     )
 
 
-def family_for(model=None):
-    """Deprecated: use act.family.family_for(model) (or family_named(source.family)). Kept while act/compress.py
-    still calls `family_for(None)` for the default family."""
-    from act.family import default_family, family_for as _family_for
+def _user_offline() -> bool:
+    import act
 
-    return default_family() if model is None else _family_for(model)
+    return act.USER_OFFLINE
+
+
+def _fetch(entry: dict, family: str) -> Optional[Path]:
+    """A registered teacher with a published checkpoint (`url` in the registry), fetched by its family's own
+    download into $ACT_WEIGHTS_DIR (default ./weights), as Ultralytics users expect from `YOLO('yolov8s-pose.pt')`;
+    never when the user set YOLO_OFFLINE, and None without network."""
+    if not entry.get("url") or _user_offline():
+        return None
+    folder = Path(os.environ.get("ACT_WEIGHTS_DIR") or "weights")
+    print(f"act: {entry['file']} is not on this machine; downloading it into {folder}/ (YOLO_OFFLINE=1 prevents this)")
+    return family_named(family).fetch_weights(entry["file"], folder)

@@ -33,7 +33,7 @@ def tiny_config(out_dir, **sections):
         "model": {"teacher": "yolo11n-pose"},
         "data": {"train": "pkg:ultralytics/assets", "imgsz": 160, "batch_size": 2, "workers": 0},
         "train": {"iterations": 6, "lr": 1e-4, "log_every": 1, "checkpoint_every": 2, "device": "cpu"},
-        "quant": {"calib_batches": 2},
+        "quant": {"calibrator": "ema", "calib_batches": 2},
         "eval": {"before": False},
         "export": {"parity_images": 2},
         "strategy": "qat",

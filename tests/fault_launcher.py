@@ -39,11 +39,11 @@ def main():
     import torch
 
     from act.cli import main as act_main
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
     from act.distill import DistillLoss
 
     state = {"step": 0}
-    real_step = AutoCompression.train_step
+    real_step = Trainer.train_step
     real_loss = DistillLoss.forward
 
     def train_step(self, images):
@@ -92,7 +92,7 @@ def main():
 
         ckpt_mod.atomic_torch_save = save_then_die
 
-    AutoCompression.train_step = train_step
+    Trainer.train_step = train_step
     DistillLoss.forward = loss_forward
     sys.exit(act_main(rest))
 

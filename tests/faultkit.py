@@ -124,11 +124,11 @@ def assert_same_state(a: Path, b: Path) -> None:
 def inject_nan(monkeypatch, nan_loss=(), nan_grad=()):
     """Make the loss (or, through a backward hook, the gradient) NaN at the given 1-based training steps of this
     process. Returns the step counter dict."""
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
     from act.distill import DistillLoss
 
     state = {"step": 0}
-    real_step, real_loss = AutoCompression.train_step, DistillLoss.forward
+    real_step, real_loss = Trainer.train_step, DistillLoss.forward
 
     def train_step(self, images):
         state["step"] += 1
@@ -142,7 +142,7 @@ def inject_nan(monkeypatch, nan_loss=(), nan_grad=()):
             loss.register_hook(lambda g: g * float("nan"))
         return loss, per_node
 
-    monkeypatch.setattr(AutoCompression, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     monkeypatch.setattr(DistillLoss, "forward", forward)
     return state
 

@@ -24,8 +24,7 @@ atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 def models():
     """(teacher, family, config, placed + calibrated student, images)."""
     from act import quant as Q
-    from act.compress import build_student
-    from act.teacher import load_frozen
+    from act.build import build_student, load_frozen
     from act.config import load_config
     from act.data import load_images, resolve_source
 

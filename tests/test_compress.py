@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from act import AutoCompression
+from act.trainer import Trainer
 from act.checkpoint import load_checkpoint
 from act.export import qdq_summary
 from act.quant import QuantConv2d, quantized_modules
@@ -25,14 +26,14 @@ def run(tmp_path_factory):
     ac = AutoCompression(cfg)
     teacher_before = None
 
-    orig_setup = ac.setup
+    orig_setup = ac.trainer.setup
 
     def setup():
         nonlocal teacher_before
         orig_setup()
         teacher_before = copy.deepcopy(ac.teacher.state_dict())
 
-    ac.setup = setup
+    ac.trainer.setup = setup
     summary = ac.run()
     return ac, summary, out, teacher_before
 
@@ -98,7 +99,7 @@ def test_resume_continues_where_last_pt_stopped(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, export={"onnx": False})
     ac = AutoCompression(cfg)
     calls = {"n": 0}
-    real_step = AutoCompression.train_step
+    real_step = Trainer.train_step
 
     def step_then_interrupt(self, images):
         calls["n"] += 1
@@ -106,13 +107,13 @@ def test_resume_continues_where_last_pt_stopped(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(self, images)
 
-    monkeypatch.setattr(AutoCompression, "train_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
     from act.errors import ActError
 
     with pytest.raises(ActError, match="--resume"):
         ac.run()
     assert load_checkpoint(tmp_path / "last.pt")["act"]["iteration"] == 3
-    monkeypatch.setattr(AutoCompression, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     ac2 = AutoCompression(cfg)
     ac2.run(resume=True)
     assert len(ac2.loss_history) == 3  # only the remaining iterations ran

@@ -58,8 +58,52 @@ def test_teacher_resolution(tmp_path):
     from teachers import resolve_teacher
 
     assert resolve_teacher("yolo11n-pose").path.name == "yolo11n-pose.pt"
-    with pytest.raises(ModelError, match="act never downloads.*weights/yolov8s-pose.pt"):
+    with pytest.raises(ModelError, match="offline: YOLO_OFFLINE is set.*weights/yolov8s-pose.pt"):
         resolve_teacher("yolov8s-pose")
     with pytest.raises(ModelError, match="unknown teacher"):
         resolve_teacher("yolo99x")
     assert resolve_teacher("yolov8n-pose.yaml").kind == "yaml"
+
+
+def test_a_registered_teacher_not_on_disk_is_fetched_by_its_family_unless_offline(tmp_path, monkeypatch):
+    """Online, a registered name not on disk goes through the family's own download (Ultralytics' asset download);
+    with YOLO_OFFLINE set by the user it is never attempted and the message says why."""
+    import act
+    from act.family import family_named
+    from teachers import resolve_teacher
+
+    fam = family_named("ultralytics-yolo")
+    calls = []
+
+    def fake_fetch(file, folder):
+        calls.append((file, str(folder)))
+        path = tmp_path / "w" / file
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"weights")
+        return path
+
+    monkeypatch.setattr(type(fam), "fetch_weights", lambda self, file, folder: fake_fetch(file, folder))
+    monkeypatch.setenv("ACT_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(act, "USER_OFFLINE", True)
+    with pytest.raises(ModelError, match="offline: YOLO_OFFLINE is set"):
+        resolve_teacher("yolov8s-pose")
+    assert calls == []
+    monkeypatch.setattr(act, "USER_OFFLINE", False)
+    src = resolve_teacher("yolov8s-pose")
+    assert calls == [("yolov8s-pose.pt", str(tmp_path / "w"))] and src.path == tmp_path / "w" / "yolov8s-pose.pt"
+    assert src.kind == "pt" and src.family == "ultralytics-yolo"
+
+
+def test_without_network_the_family_fetch_gives_up_quietly(tmp_path, monkeypatch):
+    """No network (this machine): Ultralytics' online check fails fast, nothing is written, the message stays."""
+    import act
+    from teachers import resolve_teacher
+
+    monkeypatch.setattr(act, "USER_OFFLINE", False)
+    monkeypatch.setenv("ACT_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("ultralytics.utils.is_online", lambda: False)
+    with pytest.raises(ModelError, match="could not download it.*yolov8s-pose.pt"):
+        resolve_teacher("yolov8s-pose")
+    assert not (tmp_path / "w" / "yolov8s-pose.pt").exists()

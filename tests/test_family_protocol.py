@@ -150,7 +150,7 @@ def test_registry_claims_and_errors(toy_family):
 
 
 def test_resolve_teacher_names_the_family(toy_family, toy_teacher):
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from teachers import resolve_teacher
 
     assert resolve_teacher(str(toy_teacher)).family == "ultralytics-yolo"  # a file: the default family ...
@@ -169,7 +169,7 @@ def test_toy_fidelity_through_the_family(toy_family, toy_teacher, toy_images):
 
     from act.distill import find_nodes
     from act.fidelity import FidelityEvaluator
-    from act.teacher import load_frozen
+    from act.build import load_frozen
 
     teacher, fam, _ = load_frozen(str(toy_teacher), "toy")
     ev = FidelityEvaluator.from_paths(teacher, sorted(toy_images.iterdir()), 64, "detect",
@@ -181,8 +181,6 @@ def test_toy_fidelity_through_the_family(toy_family, toy_teacher, toy_images):
 
 # ---- act compress end to end with the toy family --------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs trainer call sites (act/compress.py: load_frozen through act.teacher with "
-                          "model.family)", strict=False)
 def test_toy_family_compresses_end_to_end(toy_family, toy_teacher, toy_images, tmp_path):
     import onnx
 

@@ -179,14 +179,14 @@ def _apply(cfg, op, path, value):
 
 @pytest.fixture
 def fuzz_env(tmp_path, monkeypatch):
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
 
     def stop(self):
         raise _Valid
 
     from act.ptq import PostTrainingQuantization
 
-    monkeypatch.setattr(AutoCompression, "setup", stop)
+    monkeypatch.setattr(Trainer, "setup", stop)
     monkeypatch.setattr(PostTrainingQuantization, "setup", stop)  # strategy auto / ptq start with a PTQ setup
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -47,16 +47,16 @@ def test_nan_loss_and_gradient_are_skipped_then_the_last_good_state_restored(tmp
 def test_nan_policy_on_the_sync_free_path(tmp_path, images, monkeypatch, capsys):
     """The CUDA/DDP step (no host sync: the GradScaler skips non-finite updates on the device, the policy runs on
     device-side counters at log steps), forced on CPU."""
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
 
-    real = AutoCompression.setup_optimizer
+    real = Trainer.setup_optimizer
 
     def setup_optimizer(self):
         real(self)
         self.sync_free = True
         self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2**30)
 
-    monkeypatch.setattr(AutoCompression, "setup_optimizer", setup_optimizer)
+    monkeypatch.setattr(Trainer, "setup_optimizer", setup_optimizer)
     cfg = write_config(tmp_path / "c.yaml", fault_config(
         tmp_path / "run", images, 8, train={"log_every": 1, "nan_policy": {"max_consecutive": 3, "max_restores": 2}}))
     inject_nan(monkeypatch, nan_loss=(3, 4, 5))
@@ -85,10 +85,10 @@ def test_nan_without_end_stops_with_exit_4_and_keeps_best(tmp_path, images, monk
 
 
 def test_cuda_out_of_memory_names_a_batch_size_and_keeps_progress(tmp_path, images, monkeypatch, capsys):
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
 
     cfg = write_config(tmp_path / "c.yaml", fault_config(tmp_path / "run", images, 4, train={"checkpoint_every": 4}))
-    real = AutoCompression.train_step
+    real = Trainer.train_step
     calls = {"n": 0}
 
     def step(self, images):
@@ -97,7 +97,7 @@ def test_cuda_out_of_memory_names_a_batch_size_and_keeps_progress(tmp_path, imag
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, images)
 
-    monkeypatch.setattr(AutoCompression, "train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
     code, out, err = cli(["compress", "--config", cfg], capsys)
     reg.fault("CUDA out of memory")
     assert code == 5 and reg.output(out, err)
@@ -114,11 +114,11 @@ def test_cuda_out_of_memory_names_a_batch_size_and_keeps_progress(tmp_path, imag
 def test_write_error_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, images, monkeypatch, capsys, err_no):
     """The 2nd last.pt fails to write: disk full (fsync fails) or the folder turns read-only (a real read-only
     mount where possible)."""
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
 
     out_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", fault_config(out_dir, images, 6))
-    real_save, real_fsync = AutoCompression.save, os.fsync
+    real_save, real_fsync = Trainer.save, os.fsync
     trouble = {"on": False, "ro": None}
 
     def save(self, name, iteration, training_state=True):
@@ -133,7 +133,7 @@ def test_write_error_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
             raise OSError(err_no, os.strerror(err_no))
         return real_fsync(fd)
 
-    monkeypatch.setattr(AutoCompression, "save", save)
+    monkeypatch.setattr(Trainer, "save", save)
     monkeypatch.setattr(os, "fsync", fsync)
     try:
         code, out, err = cli(["compress", "--config", cfg], capsys)
@@ -209,7 +209,7 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path, monkeypatch, err_no)
 
 
 def test_collapsed_quantizer_ranges_are_detected():
-    from act.compress import build_student, load_teacher
+    from act.build import build_student, load_teacher
     from act.config import load_config
     from act.quant import calibrate, quantized_modules
     from act.quant.health import collapsed_quantizers

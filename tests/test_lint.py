@@ -90,7 +90,7 @@ def test_finds_zero_point_and_per_tensor_weight():
 def test_conv_only_placement_is_not_trt_clean(tmp_path):
     """The old placement (conv inputs only) leaves Concats in float: the linter says so."""
     from act import quant as Q
-    from act.compress import build_student
+    from act.build import build_student
     from act.config import load_config
     from act.export import export_onnx
     from conftest import tiny_config

@@ -68,7 +68,7 @@ def test_channel_map_follows_the_kept_channels_through_pruning_steps(teacher_pat
     map recorded over two pruning steps must point at them (the output conv's bias, untouched by pruning, tells)."""
     import copy
 
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.config import PruneStage
     from act.distill import channel_map, update_channel_map
     from act.prune import StructuredPruner
@@ -104,7 +104,7 @@ def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_pa
     0.67x to 0.55x at 160 px); close_gap prunes the rest with a global ranking outside the head."""
     import copy
 
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.config import PruneStage
     from act.prune import GAP_MAX_LAYER_SHARE, StructuredPruner
 
@@ -138,7 +138,7 @@ def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_pa
 
 @pytest.mark.parametrize("keep", [[], ["kpt"], ["kpt", "box"]])
 def test_keep_branches_decides_which_head_branches_keep_their_width(teacher_path, keep):
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.config import PruneStage
     from act.prune import StructuredPruner
 
@@ -251,7 +251,7 @@ def test_resume_mid_prune_stage(tmp_path, monkeypatch):
     ac.run(resume=True)
     prune_run, quant_run = ac.stage_runs
     assert len(prune_run.loss_history) == 2  # iterations 4 and 5 of the prune stage, no pruning step again
-    assert prune_run.prune_steps_done == 2 and len(prune_run.prune_log) == 2
+    assert prune_run.kind.steps_done == 2 and len(prune_run.kind.log) == 2
     assert {n: m.out_channels for n, m in prune_run.student.named_modules()
             if isinstance(m, nn.Conv2d)} == pruned_widths
     assert len(quant_run.loss_history) == 2
@@ -273,7 +273,7 @@ def test_a_planned_step_removes_exactly_the_channels_it_shrank(teacher_path):
     is what prune_to would do; removing zeroed channels changes no output; before that the model keeps its width."""
     import copy
 
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.config import PruneStage
     from act.prune import StructuredPruner, scale_channels
 
@@ -327,7 +327,7 @@ def test_decaying_steps_zero_their_channels_before_removing_them_and_resume_mid_
     monkeypatch.setattr(StructuredPruner, "apply", apply_and_check)
     whole = AutoCompression(_decay_cfg(tmp_path / "whole"))
     whole.run()
-    log = whole.stage_runs[0].prune_log
+    log = whole.stage_runs[0].kind.log
     assert [(s["decayed_from"], s["iteration"]) for s in log] == [(0, 2), (3, 5)]
     assert zeroed == [0.0, 0.0]  # shrunk all the way by the decay schedule itself
     assert abs(log[-1]["macs_ratio"] - 0.6) <= 0.05 * 0.6
@@ -350,7 +350,7 @@ def test_decaying_steps_zero_their_channels_before_removing_them_and_resume_mid_
     resumed = AutoCompression(cfg)
     resumed.run(resume=True)
     run = resumed.stage_runs[0]
-    assert len(run.loss_history) == 3 and [s["iteration"] for s in run.prune_log] == [2, 5]
+    assert len(run.loss_history) == 3 and [s["iteration"] for s in run.kind.log] == [2, 5]
     widths = lambda m: {n: c.out_channels for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
     assert widths(run.student) == widths(whole.stage_runs[0].student)  # the plan came back with the checkpoint
     assert run.student.act_channel_map == whole.stage_runs[0].student.act_channel_map
@@ -429,7 +429,7 @@ def test_2to4_groups_run_along_input_channels():
 
 
 def test_unstructured_masks(teacher_path):
-    from act.teacher import load_frozen
+    from act.build import load_frozen
 
     model, _, _ = load_frozen("yolo11n-pose")
     masks = SparsityMasks.compute(model, "unstructured", ratio=0.7, scope="global", ignore=["*.dfl"])
@@ -455,7 +455,7 @@ def test_a_step_never_overshoots_past_staying_put(teacher_path):
     """round_to 8 makes MACs a staircase: the smallest real cut of yolo11n (stem kept) lands near 0.8x, the next
     near 0.66x. A 0.8x target in 2 steps (0.9x, then 0.8x) must end near 0.8x: a step stays put when that is closer
     to its target than the next stair (before, the GPU benchmark's 0.8x run ended at 0.66x)."""
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.config import PruneStage
     from act.prune import StructuredPruner
 

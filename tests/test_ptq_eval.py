@@ -98,7 +98,7 @@ def test_minmax_and_percentile_give_different_ranges(runs):
 
 def test_fidelity_teacher_vs_itself_and_quantized_student(runs):
     from act.checkpoint import load_checkpoint
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.data import resolve_source, split_holdout
     from act.distill import find_nodes
     from act.fidelity import FidelityEvaluator

@@ -86,7 +86,7 @@ def test_frozen_export_uses_one_scale_per_group():
 def test_placement_refuses_blocks_it_does_not_know(monkeypatch):
     """If Ultralytics' block code drifts from act's copy, placement stops instead of changing the model."""
     import families.ultralytics.blocks as B
-    from act.compress import build_student
+    from act.build import build_student
 
     teacher, family, cfg, _, _ = H.models()
 

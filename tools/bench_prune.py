@@ -106,7 +106,7 @@ class PruneBench:
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     def teacher_row(self):
-        from act.teacher import load_frozen
+        from act.build import load_frozen
         from act.export import export_onnx
         from act.latency import ort_latency
         from act.prune import model_cost

@@ -7,7 +7,7 @@
 Rows (images/s, GPU peak memory, data-loader wait share):
   plain        the same (BN-folded) model trained in eager FP32: forward + distillation loss against fixed targets +
                backward + AdamW step, on a batch already on the GPU.
-  act:<v>      act's real `AutoCompression.train_step` (teacher forward, fake-quant student forward/backward, loss,
+  act:<v>      act's real `Trainer.train_step` (teacher forward, fake-quant student forward/backward, loss,
                optimizer) per speed variant <v> (a set of config overrides): 'synthetic' on uint8 batches already on
                the GPU (the step alone), 'real' with the real data loader over --data (the whole pipeline).
   ddp          with more than one visible GPU: the real pipeline on N GPUs through torchrun (global images/s).
@@ -105,7 +105,7 @@ def base_config(args, out_dir: str) -> Dict[str, Any]:
         "model": {"teacher": args.teacher},
         "data": {"train": args.data, "imgsz": args.imgsz, "batch_size": args.batch, "augment": True},
         "train": {"iterations": 10**6, "device": args.device, "log_every": 10**6, "checkpoint_every": 10**6},
-        "quant": {"calib_batches": 2},
+        "quant": {"calibrator": "ema", "calib_batches": 2},
         "eval": {"before": False, "fidelity": {"enabled": False}},
         "export": {"onnx": False},
         "output_dir": out_dir,
@@ -113,12 +113,11 @@ def base_config(args, out_dir: str) -> Dict[str, Any]:
 
 
 def make_ac(args, overrides: List[str]):
-    from act import AutoCompression
+    from act.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="act_bench_")
-    ac = AutoCompression(base_config(args, out), overrides=overrides)
+    ac = Trainer(base_config(args, out), overrides=overrides)
     ac.setup()
-    ac.best_metric, ac.best_iteration, ac.history, ac.bad_images, ac.nonfinite_steps = None, None, [], [], 0
     return ac
 
 
@@ -148,7 +147,7 @@ def bench_plain(args, amp: bool = False) -> Dict[str, Any]:
     """Eager training of the same model: forward, the distillation loss against fixed targets, backward, AdamW."""
     import torch
 
-    from act.teacher import load_frozen
+    from act.build import load_frozen
     from act.config import DistillConfig
     from act.distill import DistillLoss, FeatureCapture, find_nodes
 
@@ -261,7 +260,7 @@ def write_profile(args, ac, xs, name: str) -> str:
 def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
     """The whole pipeline: real loader over --data (workers decode, letterbox, augment), step on each batch."""
     ac = make_ac(args, overrides)
-    batches = ac._batches()
+    batches = ac.stream.batches()
     t0 = time.perf_counter()
     ac.calibrate(batches)
     ac.student.train()
@@ -294,6 +293,7 @@ def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
     for _ in range(max(8, ahead)):
         m += len(next(batches))
     loader_ips = m / (time.perf_counter() - t)
+    ac.stream.close(batches)  # stop the loader workers (they ignore group stop signals; exit would wait on them)
     return {"row": f"act {name}", "mode": "real", "overrides": overrides,
             "images_per_s": round(n / dt, 1), "step_ms": round(dt / args.iters * 1e3, 2),
             "data_wait_share": round(wait / dt, 3), "loader_only_images_per_s": round(loader_ips, 1),
@@ -311,7 +311,7 @@ def ddp_worker(args) -> None:
     overrides = ov + DATA_VARIANTS.get(data or "auto", [])
     os.environ.pop("ACT_DEVICES", None)
     ac = make_ac(args, overrides)
-    batches = ac._batches()
+    batches = ac.stream.batches()
     ac.calibrate(batches)
     ac.student.train()
     for _ in range(args.warmup):

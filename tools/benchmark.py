@@ -2,15 +2,18 @@
 """FP32 teacher vs act PTQ (each calibrator) vs act QAT-distill (torch fake-quant and its Q/DQ ONNX in onnxruntime),
 for yolo11n-pose on coco-pose-mini: train split = the unlabeled pool, val split = the 500 labeled images.
 
-    python tools/benchmark.py --data ../shared/data/coco-pose-mini --out results/            # GPU, 640 px, < 9 min
-    python tools/benchmark.py --data ../shared/data/coco-pose-mini --out /tmp/bench --quick  # CPU smoke run
+    python tools/benchmark.py --data ../shared/data/coco-pose-mini --out results/ --parallel 3   # GPU, 640 px
+    python tools/benchmark.py --data ../shared/data/coco-pose-mini --out /tmp/bench --quick      # CPU smoke run
 
 Every number in the table comes from one place, `act.artifacts.evaluate_artifacts` (the metric code of `act eval`
 and of training): COCO mAP on val with Ultralytics' validators, every model letterboxed to the same square imgsz
 (the ONNX is fixed-shape), and label-free fidelity against the teacher on the held-out slice of the train pool.
-The QAT run never sees val labels: best.pt is picked by label-free fidelity, and it starts from the PTQ calibrator
-with the best fidelity (`--qat-init best`; or a calibrator name, or `ema` for the recipe's own moving averages).
-Writes OUT/benchmark.md and OUT/benchmark.json (rewritten after every row, so a cut-off run keeps what it did).
+The QAT rows run the recipe exactly as a user does (`act compress --config ... train.seed=S`, one process per seed,
+`--parallel` at a time): it calibrates itself (`quant.calibrator`: the best PTQ calibrator by label-free fidelity)
+and never sees val labels (best.pt is picked by label-free fidelity). Each seed gives best.pt, last.pt and the
+exported ONNX; the mean rows average the seeds, with the spread (max - min) of pose mAP50-95. `--set` adds config
+overrides to the QAT runs (`--label` names the variant). Writes OUT/benchmark.md and OUT/benchmark.json (rewritten
+after every row, so a cut-off run keeps what it did; `--resume` fills in what is missing).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
+from act.quant.calibrators import CALIBRATORS  # noqa: E402 (after the sys.path line)
+
+CALIBRATORS = list(CALIBRATORS)
 COLUMNS = [
     ("method", "method"),
     ("pose_map50_95", "pose mAP50-95"),
@@ -40,6 +45,7 @@ COLUMNS = [
     ("fidelity_snr_db_mean", "head SNR dB"),
     ("compress_s", "compression wall s"),
     ("train_images_per_s", "train step img/s"),
+    ("pose_spread", "pose spread over seeds"),
 ]
 
 
@@ -56,8 +62,16 @@ def parse_args(argv=None):
     p.add_argument("--ptq-images", type=int, default=None, help="calibration images (default 256; --quick 8)")
     p.add_argument("--qat-iters", type=int, default=None, help="QAT iterations (default: the config's; --quick 3)")
     p.add_argument("--qat-batch", type=int, default=None, help="QAT batch size (default: the config's; --quick 2)")
-    p.add_argument("--qat-init", default="best", help="best (PTQ calibrator with the best fidelity), a calibrator "
-                                                      "name, or ema (the recipe's moving-average calibration)")
+    p.add_argument("--qat-init", default="recipe", help="recipe: what the recipe does itself (quant.calibrator); "
+                                                        "best-ptq: quant.init_from the PTQ row with the best fidelity; "
+                                                        "a calibrator name; or ema (moving-average calibration)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="QAT seeds (default 0 1 2; --quick 0): one "
+                                                                      "row each, plus their mean and spread")
+    p.add_argument("--parallel", type=int, default=1, help="QAT runs at once on the device (the step is host-bound: "
+                                                           "2-3 share one GPU well; img/s then is per run)")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for the QAT runs "
+                                                                           "(repeatable), e.g. --set train.ema=0.999")
+    p.add_argument("--label", default="", help="added to the QAT rows' names (e.g. to tell --set variants apart)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the config's; quick 0)")
     p.add_argument("--eval-batch", type=int, default=None, help="default 32 (--quick 8)")
     p.add_argument("--max-images", type=int, default=None, help="val images (default all; --quick 8)")
@@ -158,36 +172,114 @@ class Bench:
         r = self.evaluate(str(ckpt))
         return {**r, "model": str(ckpt), "compress_s": s["time_s"]["compress"], "ptq": s.get("ptq")}
 
-    def qat_row(self):
-        from act.compress import AutoCompression
-
+    def qat_overrides(self, seed: int) -> List[str]:
         a = self.args
-        o = self.common("qat") + ["eval.metric=fidelity_pose_map50_95", "strategy=qat"]
+        o = self.common(self.qat_name(seed)) + ["eval.metric=fidelity_pose_map50_95", "strategy=qat",
+                                                f"train.seed={seed}"]
         if a.quick:
             o += ["train.iterations=3", "data.batch_size=2", "eval.every=3", "export.parity_images=2",
-                  "train.log_every=1", "quant.calib_batches=2"]
+                  "train.log_every=1", "quant.calib_batches=2", "ptq.num_images=8", "ptq.batch_size=4",
+                  "ptq.bins=512"]
         if a.qat_iters:
             o += [f"train.iterations={a.qat_iters}", f"eval.every={max(1, a.qat_iters // 4)}"]
         if a.qat_batch:
             o.append(f"data.batch_size={a.qat_batch}")
+        if a.parallel > 1 and a.workers is None and not a.quick:
+            o.append(f"data.workers={max(2, (os.cpu_count() or 4) // (2 * a.parallel))}")
         init = self.qat_init()
         if init:
             o.append(f"quant.init_from={init}")
-        s = AutoCompression(a.config, overrides=o).run(exist_ok=True)
-        ckpt = self.out / "runs" / "qat" / "best.pt"
-        r = self.evaluate(str(ckpt))
-        return {**r, "model": str(ckpt), "compress_s": s["time_s"].get("compress"),
-                "train_images_per_s": s.get("speed", {}).get("train_images_per_s"),
-                "iterations": s["iterations"], "best_iteration": s["best_iteration"],
-                "init": init or "ema", "parity": s.get("onnx", {}).get("parity")}
+        if a.qat_init not in ("recipe", "best-ptq") and not init:
+            o.append("quant.calibrator=ema")
+        return o + list(a.sets)
+
+    def qat_name(self, seed: int) -> str:
+        return f"qat{('_' + self.args.label) if self.args.label else ''}_s{seed}"
+
+    def qat_method(self, seed: int, what: str) -> str:
+        label = f" [{self.args.label}]" if self.args.label else ""
+        return f"act QAT-distill{label} seed {seed}: {what}"
+
+    def run_qat(self, seeds: List[int]) -> Dict[int, Dict[str, Any]]:
+        """`act compress` of the recipe for each seed, `--parallel` at a time, each in its own process (as a user
+        runs it). Returns seed -> its summary.json (or an error)."""
+        import subprocess
+
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   ACT_NO_PROGRESS="1", YOLO_OFFLINE="1")
+        todo, running, done = list(seeds), {}, {}
+        while todo or running:
+            while todo and len(running) < max(1, self.args.parallel):
+                seed = todo.pop(0)
+                out = self.out / "runs" / self.qat_name(seed)
+                out.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "act", "compress", "--config", self.args.config, "--exist-ok",
+                       *self.qat_overrides(seed)]
+                log = open(out.parent / f"{self.qat_name(seed)}.log", "w")
+                print(f"benchmark: QAT seed {seed}: {' '.join(cmd[3:])}", flush=True)
+                running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                 time.time())
+            time.sleep(2)
+            for seed, (proc, log, t) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[seed]
+                summary = self.out / "runs" / self.qat_name(seed) / "summary.json"
+                if proc.returncode == 0 and summary.is_file():
+                    done[seed] = {**json.loads(summary.read_text()), "wall_s": round(time.time() - t, 1)}
+                else:
+                    tail = Path(log.name).read_text()[-800:]
+                    done[seed] = {"error": f"act compress exit {proc.returncode}: {tail}"}
+                print(f"benchmark: QAT seed {seed} done ({'ok' if 'error' not in done[seed] else 'failed'})",
+                      flush=True)
+        return done
+
+    def qat_rows(self, seed: int, s: Dict[str, Any]) -> None:
+        """The rows of one seed: best.pt (what act exports), last.pt, and with ONNX the exported student.onnx."""
+        if "error" in s:
+            self.rows.append({"method": self.qat_method(seed, "run"), "error": s["error"]})
+            return
+        run = self.out / "runs" / self.qat_name(seed)
+        common = {"compress_s": s["time_s"].get("compress"), "wall_s": s.get("wall_s"),
+                  "train_images_per_s": s.get("speed", {}).get("train_images_per_s"), "seed": seed,
+                  "iterations": s["iterations"], "best_iteration": s["best_iteration"],
+                  "quant_init": s.get("quant_init"), "parity": s.get("onnx", {}).get("parity")}
+        what = [("torch, best.pt", run / "best.pt", None), ("torch, last.pt", run / "last.pt", None)]
+        if not self.args.skip_onnx:
+            what.append(("exported ONNX in onnxruntime", run / "student.onnx", self.args.onnx_device))
+        for label, path, device in what:
+            self.add(self.qat_method(seed, label), lambda p=path, d=device: {
+                **self.evaluate(str(p), max_images=self.onnx_max_images if d else None, device=d),
+                "model": str(p), **common})
+
+    def mean_rows(self, seeds: List[int]) -> None:
+        """Mean over the seeds of each QAT row kind, with the spread (max - min) of pose mAP50-95."""
+        import statistics
+
+        for what in ("torch, best.pt", "torch, last.pt", "exported ONNX in onnxruntime"):
+            rows = [r for r in self.rows if any(r["method"] == self.qat_method(s, what) for s in seeds)
+                    and "error" not in r]
+            if not rows:
+                continue
+            mean = {"method": f"**{self.qat_method(0, what).replace('seed 0', f'mean of {len(rows)} seeds')}**"}
+            for key, _ in COLUMNS[1:]:
+                vals = [_num(r.get(key)) for r in rows if r.get(key) is not None]
+                if vals and all(v != float("-inf") for v in vals):
+                    mean[key] = round(statistics.mean(vals), 4)
+            pose = [_num(r.get("pose_map50_95")) for r in rows]
+            mean["pose_spread"] = round(max(pose) - min(pose), 4) if len(pose) > 1 else None
+            mean["seeds"] = [r.get("seed") for r in rows]
+            self.rows = [r for r in self.rows if r["method"] != mean["method"]] + [mean]
+        self.write()
 
     def qat_init(self) -> Optional[str]:
         choice = self.args.qat_init
-        if choice == "ema":
+        if choice in ("ema", "recipe"):
             return None
         ptq = {r["method"].split(" ")[-1].strip("()"): r for r in self.rows
                if r["method"].startswith("act PTQ") and "error" not in r}
-        if choice != "best":
+        if choice != "best-ptq":
             if choice not in ptq:
                 raise RuntimeError(f"--qat-init {choice}: no successful PTQ run with that calibrator")
             return ptq[choice]["model"]
@@ -195,14 +287,6 @@ class Bench:
             return None
         best = max(ptq.values(), key=lambda r: _num(r.get("fidelity_pose_map50_95", r.get("fidelity_box_map50_95"))))
         return best["model"]
-
-    def onnx_row(self):
-        onnx = self.out / "runs" / "qat" / "student.onnx"
-        r = self.evaluate(str(onnx), max_images=self.onnx_max_images, device=self.args.onnx_device)
-        qat = next((r for r in self.rows if r["method"].startswith("act QAT-distill (torch")), {})
-        return {**r, "model": str(onnx), "compress_s": qat.get("compress_s"),
-                "train_images_per_s": qat.get("train_images_per_s"), "eval_images": self.onnx_max_images or "all",
-                "onnx_device": self.args.onnx_device}
 
     # ---- output --------------------------------------------------------------------------------------------------
     def write(self) -> None:
@@ -271,9 +355,17 @@ def main(argv=None) -> int:
     b.add("FP32 teacher", b.teacher_row)
     for c in args.calibrators:
         b.add(f"act PTQ ({c})", lambda c=c: b.ptq_row(c))
-    qat = b.add("act QAT-distill (torch fake-quant, best.pt)", b.qat_row)
-    if "error" not in qat and not args.skip_onnx:
-        b.add("act QAT-distill ONNX (onnxruntime)", b.onnx_row)
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    todo = [s for s in seeds if not all(b.qat_method(s, w) in b.done for w in ("torch, best.pt", "torch, last.pt"))]
+    runs = b.run_qat(todo) if todo else {}
+    for seed in seeds:
+        summary = b.out / "runs" / b.qat_name(seed) / "summary.json"
+        if seed not in runs and summary.is_file():  # (--resume: the rows it lacks, e.g. a --skip-onnx run's ONNX)
+            runs[seed] = json.loads(summary.read_text())
+        b.qat_rows(seed, runs.get(seed, {"error": "no run"}))
+        b.write()
+    if len(seeds) > 1:
+        b.mean_rows(seeds)
     print("\n" + (b.out / "benchmark.md").read_text())
     print(f"benchmark: wrote {b.out / 'benchmark.md'} and {b.out / 'benchmark.json'}")
     return 1 if any("error" in r for r in b.rows) else 0

@@ -4,13 +4,7 @@ calibrator that turns each histogram into a clip (the quantizer's range; scale =
     result = calibrate_ranges(model, forward_loop, method="entropy")   # forward_loop(model) runs the images
     set_ranges(model, result.ranges)                                   # moving averages and PACT alphas start here
 
-Calibrators (the same four as TensorRT / Model Optimizer):
-  minmax      the abs-max over all images (one pass)
-  percentile  that percentile of |x|
-  mse         the clip that minimises the expected squared quantization error of the histogram
-  entropy     TensorRT's KL-divergence calibration (the clip whose 128-level quantized histogram is closest to the
-              clipped reference distribution)
-The histogram calibrators take two passes: the abs-max first, then a fixed-range histogram over [0, abs-max].
+The calibrators (histogram -> clip) are act.quant.calibrators. The histogram calibrators take two passes: the abs-max first, then a fixed-range histogram over [0, abs-max].
 Activations are observed in float (all quantizers off), as in TensorRT and Model Optimizer.
 """
 
@@ -24,10 +18,7 @@ import torch
 from torch import nn
 
 from act.errors import ActError
-
-CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
-NUM_LEVELS = 128  # |x| of a symmetric int8 tensor takes 128 magnitudes (0..127; -128 is never produced by |x|)
-START_BIN = 128  # mse / entropy search clips from bin 128 on, as TensorRT and Model Optimizer do
+from act.quant.calibrators import CALIBRATORS, amax_from_histogram  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -48,65 +39,6 @@ class CalibrationResult:
             "clipped_share": round(self.clipped_share(), 4),
             "mean_range_over_absmax": round(float(np.mean(ratio)), 4) if ratio else 1.0,
         }
-
-
-# ---- calibrators: histogram of |x| over [0, top] -> clip ----------------------------------------------------------
-def amax_from_histogram(hist: np.ndarray, top: float, method: str, percentile: float = 99.99) -> float:
-    """The clip for one quantizer. hist: counts of |x| in len(hist) equal bins over [0, top]."""
-    hist = np.asarray(hist, dtype=np.float64)
-    if method == "minmax" or top <= 0 or hist.sum() <= 0:
-        return float(top)
-    edges = np.linspace(0.0, top, len(hist) + 1)
-    if method == "percentile":
-        cdf = np.cumsum(hist) / hist.sum()
-        idx = int(np.searchsorted(cdf, percentile / 100.0))
-        return float(edges[min(idx + 1, len(hist))])
-    if method == "mse":
-        return float(_mse_amax(hist, edges))
-    if method == "entropy":
-        return float(_entropy_amax(hist, edges))
-    raise ActError(f"unknown calibrator {method!r}; expected one of {', '.join(CALIBRATORS)}")
-
-
-def _mse_amax(hist: np.ndarray, edges: np.ndarray) -> float:
-    """argmin over clips c = edges[i] (i >= 128) of sum_bins count * (center - fakequant(center; c))^2."""
-    centers = (edges[:-1] + edges[1:]) / 2
-    cands = edges[min(START_BIN, len(hist)):]
-    scale = cands[:, None] / (NUM_LEVELS - 1)
-    q = np.minimum(np.round(centers[None, :] / scale), NUM_LEVELS - 1) * scale
-    err = ((q - centers[None, :]) ** 2 * hist[None, :]).sum(axis=1)
-    return cands[int(np.argmin(err))]
-
-
-def _entropy_amax(hist: np.ndarray, edges: np.ndarray, stride: int = 1) -> float:
-    """TensorRT's entropy calibration (as in Model Optimizer's HistogramCalibrator): for each candidate clip bin i,
-    the reference p is hist[:i] with the outliers added to its last bin; the candidate q merges hist[:i] into 128
-    levels and spreads each level's mass evenly over its non-empty bins. The clip minimises KL(p || q); ties go to
-    the larger clip."""
-    bins = hist.copy()
-    if len(bins) > 1:
-        bins[0] = bins[1]  # the spike of exact zeros (after ReLU-like layers) would dominate otherwise
-    best_i, best_kl = len(bins), np.inf
-    for i in range(min(START_BIN, len(bins)), len(bins) + 1, stride):
-        head = bins[:i]
-        p = head.copy()
-        p[-1] += bins[i:].sum()
-        level = (np.arange(i) * NUM_LEVELS) // i
-        nz = head != 0
-        mass = np.bincount(level[nz], weights=head[nz], minlength=NUM_LEVELS)
-        count = np.bincount(level[nz], minlength=NUM_LEVELS)
-        q = np.where(nz, mass[level] / np.maximum(count[level], 1), 0.0)
-        ps, qs = p.sum(), q.sum()
-        if ps <= 0 or qs <= 0:
-            continue
-        p, q = p / ps, q / qs
-        m = p > 0
-        if np.any(q[m] == 0):
-            continue  # infinite divergence
-        kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
-        if kl <= best_kl:
-            best_kl, best_i = kl, i
-    return edges[best_i]
 
 
 # ---- collecting histograms with forward hooks ---------------------------------------------------------------------

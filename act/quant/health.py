@@ -76,3 +76,21 @@ def format_report(bad: Dict[str, str], limit: int = 10) -> List[str]:
     if len(bad) > limit:
         lines.append(f"  ... and {len(bad) - limit} more (see summary.json)")
     return lines
+
+
+class CollapseWatch:
+    """Warns once per quantizer when its range collapses during training; logs the count (quant/collapsed)."""
+
+    def __init__(self):
+        self.seen: Dict[str, str] = {}
+
+    def check(self, model: nn.Module, writer, it: int, write=print) -> Dict[str, str]:
+        bad = collapsed_quantizers(model)
+        new = {k: v for k, v in bad.items() if k not in self.seen}
+        self.seen = bad
+        if writer is not None:
+            writer.add_scalar("quant/collapsed", len(bad), it)
+        if new:
+            write("\n".join([f"act: warning: {len(new)} quantizer range(s) collapsed at iteration {it}:"]
+                            + format_report(new)))
+        return bad

@@ -82,7 +82,7 @@ def prune_ignored(family, model: nn.Module, keep_branches: Sequence[str] = ()) -
     are the box bins / classes / keypoints), the DFL decode, attention blocks (see UNPRUNABLE_TYPES), and every conv
     of the head branches named in keep_branches (box / cls / kpt; e.g. the keypoint branch, whose hidden convs have
     as many channels as its 51 outputs)."""
-    from families.ultralytics.yolo import BRANCHES
+    from families.ultralytics.layout import BRANCHES
 
     names = {n for n, _, _ in family.head_branches(model)}
     out = [m for n, m in model.named_modules() if n in names or type(m).__name__ in UNPRUNABLE_TYPES]

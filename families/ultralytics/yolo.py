@@ -14,18 +14,9 @@ from torch import nn
 
 from act.errors import ModelError
 from act.family_base import FamilyBase
+from families.ultralytics.layout import BRANCHES, OUTPUT_CONV, SUPPORTED_HEADS  # noqa: F401
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics must never reach for the network from act
-
-SUPPORTED_HEADS = ("Detect", "Pose")
-
-# Branch attributes of the head, in the order Ultralytics concatenates them.
-BRANCHES = {"cv2": "box", "cv3": "cls", "cv4": "kpt"}
-# the attribute holding the conv that produces a block's output channels (Conv: its conv; the C2f family and SPPF end
-# in cv2, the C3 family in cv3; SplitC2f is act's prunable C2f, prune.py)
-OUTPUT_CONV = {"Conv": "conv", "C2f": "cv2", "C3k2": "cv2", "SplitC2f": "cv2", "SPPF": "cv2", "C2PSA": "cv2",
-               "C3": "cv3", "C3k": "cv3", "C3x": "cv3"}
-
 
 class UltralyticsYOLO(FamilyBase):
     name = "ultralytics-yolo"
@@ -62,6 +53,25 @@ class UltralyticsYOLO(FamilyBase):
             return bool(yaml_model_load(name))
         except Exception:
             return False
+
+    def fetch_weights(self, file: str, folder) -> Optional[Path]:
+        """Ultralytics' own asset download (as `YOLO('yolov8s-pose.pt')` does), into `folder`; None when offline.
+        act keeps YOLO_OFFLINE=1 for Ultralytics otherwise (the caller checked that the user did not set it)."""
+        from ultralytics.utils import is_online
+        from ultralytics.utils.downloads import attempt_download_asset
+
+        before = os.environ.pop("YOLO_OFFLINE", None)
+        try:
+            if not is_online():
+                return None
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            path = Path(attempt_download_asset(Path(folder) / file))
+        except Exception:  # a failed download: the caller says where to put the file
+            return None
+        finally:
+            if before is not None:
+                os.environ["YOLO_OFFLINE"] = before
+        return path if path.is_file() else None
 
     def load(self, path: Path, kind: str = "pt") -> nn.Module:
         """Load an Ultralytics checkpoint (or build a yaml) and return its nn.Module in FP32, eval mode."""

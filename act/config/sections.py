@@ -1,22 +1,14 @@
-"""Typed, validated run configuration.
-
-A config is YAML; every section is a pydantic model that forbids unknown keys. `load_config` applies `key=value`
-overrides, validates, and raises `ConfigError` naming the key path and what was expected, before any work starts.
-"""
+"""The sections of a run config: one pydantic model each, unknown keys forbidden."""
 
 from __future__ import annotations
 
-import copy
-import re
-from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from typing_extensions import Annotated
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from act.errors import ConfigError, ModelError
+from act.losses import LOSSES
+from act.quant.calibrators import CALIBRATORS
 
 
 class _Section(BaseModel):
@@ -101,7 +93,7 @@ class LossSpec(_Section):
     class score there (its highest sigmoid class probability at the same pyramid level), so the box / keypoint loss
     is spent where the model's outputs are used, not on background anchors whose boxes and keypoints are discarded."""
 
-    type: Literal["soft_label", "l2", "bce"]
+    type: Literal[tuple(LOSSES)]
     temperature: float = Field(1.0, gt=0)
     axis: Literal["channel", "spatial", "dfl"] = "channel"
     weight: float = Field(1.0, ge=0)
@@ -216,8 +208,12 @@ class AnalyzeConfig(_Section):
     batch_size: Optional[int] = Field(None, ge=1, description="default: eval.batch_size")
 
 
+# the calibrators' names, from their one list (act.quant.calibrators)
+Calibrator = Literal[tuple(CALIBRATORS)]
+
+
 class PTQCandidate(_Section):
-    calibrator: Literal["minmax", "percentile", "mse", "entropy"]
+    calibrator: Calibrator
     percentile: float = Field(99.99, gt=0, le=100)
 
 
@@ -282,7 +278,13 @@ class QuantConfig(_Section):
         default_factory=list, description="module-name globs (or 're:' regexes) kept in float; 'auto': the most "
                                           "sensitive layers by `act analyze`, within quant.auto_skip's budget")
     auto_skip: AutoSkipConfig = Field(default_factory=AutoSkipConfig, description="budget of quant.skip: auto")
-    calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages before training")
+    calibrator: Union[Literal["search", "ema"], Calibrator] = Field(
+        "search", description="how the activation ranges start before distillation: search: each PTQ calibrator of "
+                              "auto.search on ptq.num_images images, the best by label-free fidelity (eval.metric if "
+                              "it is a fidelity key, else the task's fidelity mAP); a calibrator name: that one (ptq.* "
+                              "settings); ema: the moving average over calib_batches training batches. Ignored with "
+                              "init_from")
+    calib_batches: int = Field(8, ge=0, description="batches that initialise the moving averages (calibrator: ema)")
     init_from: Optional[str] = Field(
         None, description="an act checkpoint (e.g. an `act ptq` output's ptq.pt) whose calibrated activation ranges "
                           "start the moving averages and PACT alphas, instead of calibrating on calib_batches"
@@ -314,6 +316,11 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: Optional[float] = Field(10.0, gt=0)
     amp: Literal["none", "bf16", "fp16"] = "none"
+    ema: Optional[float] = Field(
+        None, gt=0, lt=1, description="weight EMA of the student with this decay (e.g. 0.999), ramped up as "
+                                     "decay * (1 - exp(-step / ema_tau)): evaluated, kept as best.pt and exported "
+                                     "instead of the raw student; null: off")
+    ema_tau: float = Field(200.0, gt=0, description="iterations over which the EMA decay ramps up")
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N'")
     log_every: int = Field(10, ge=1, description="log losses (a device sync) every N iterations only")
@@ -336,9 +343,6 @@ class TrainConfig(_Section):
         if self.iterations is not None and self.epochs is not None:
             raise ValueError("set either iterations or epochs, not both")
         return self
-
-
-Calibrator = Literal["minmax", "percentile", "mse", "entropy"]
 
 
 class PTQConfig(_Section):
@@ -431,287 +435,3 @@ class ExportConfig(_Section):
         20, ge=0, description="staged runs: time each stage's ONNX in onnxruntime on CPU this many times (median); "
                               "0: skip")
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
-
-
-def _train_overrides_model():
-    """TrainConfig with every field optional and no default: a stage's `train:` overrides of the top-level section."""
-    from pydantic import create_model
-
-    fields = {}
-    for name, f in TrainConfig.model_fields.items():
-        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
-        fields[name] = (Optional[ann], Field(None, description=f.description))
-    return create_model("StageTrainConfig", __base__=_Section, **fields)
-
-
-StageTrainConfig = _train_overrides_model()
-
-
-class _Stage(_Section):
-    name: Optional[str] = Field(None, description="label of the stage (its folder, TensorBoard run); default: type")
-    train: StageTrainConfig = Field(default_factory=StageTrainConfig,
-                                    description="overrides of the top-level train section for this stage")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.type
-
-    @model_validator(mode="after")
-    def _one_length(self):
-        if self.train.iterations is not None and self.train.epochs is not None:
-            raise ValueError("train: set either iterations or epochs, not both")
-        return self
-
-
-class PruneStage(_Stage):
-    """Structured channel pruning (torch-pruning DepGraph) in `steps` steps with distillation between them."""
-
-    type: Literal["prune"]
-    target: float = Field(0.6, gt=0, lt=1, description="keep this share of the teacher's MACs (or params)")
-    metric: Literal["macs", "params"] = "macs"
-    scope: Literal["uniform", "global"] = Field(
-        "uniform", description="uniform: every layer loses the same share of channels; global: one ranking over all")
-    importance: Literal["l1", "l2", "group_norm", "lamp", "taylor"] = Field(
-        "l2", description="channel-group importance: magnitude (l1 / l2 = group_norm), LAMP, or first-order Taylor "
-                          "on the distillation loss")
-    steps: int = Field(4, ge=1, description="pruning steps, each to a linearly smaller share of the MACs")
-    step_iterations: Optional[int] = Field(
-        None, ge=1, description="distillation iterations between pruning steps; default: half the stage's "
-                                "iterations / steps (the rest, after the last step, fine-tunes)")
-    taylor_batches: int = Field(4, ge=1, description="distillation batches whose gradients feed Taylor importance")
-    decay_iterations: int = Field(
-        0, ge=0, description="gradual removal: each pruning step decides its channels at its iteration, shrinks them "
-                             "linearly to zero over this many distillation iterations while the rest of the network "
-                             "learns to do without them, then removes them (which then changes nothing). 0: removed "
-                             "at once. Must be shorter than step_iterations")
-    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="no layer loses more than this share of channels")
-    close_gap: bool = Field(
-        False, description="scope uniform: where round_to's staircase leaves the MACs (params) more than 2% off a "
-                           "step's goal, stop on the stair above and remove the rest with one global ranking over the "
-                           "layers outside the head (at most a quarter of any layer). false: the nearest stair. It "
-                           "lands on the target but cost accuracy where measured (GPU: 0.64x -> 0.60x took pose mAP "
-                           "0.198 -> 0.137, taking the MACs from deep layers); a smaller round_to reaches the target "
-                           "more cheaply (round_to 4: 0.61x, 0.193)")
-    round_to: Optional[int] = Field(
-        8, ge=2, description="keep channel counts multiples of this (odd widths run slower than the unpruned model in "
-                             "onnxruntime / TensorRT kernels); null: any width")
-    ignore: List[str] = Field(default_factory=list,
-                              description="module-name globs (or 're:' regexes) whose output channels stay")
-    keep_branches: List[Literal["box", "cls", "kpt"]] = Field(
-        default_factory=list, description="head branches whose convs all keep their width (the model family knows "
-                                          "which modules they are), e.g. [kpt]: the keypoint branch's hidden convs "
-                                          "are no wider than its 51 outputs (docs/pruning.md); the other layers then "
-                                          "lose more to meet the target")
-    bias_compensation: bool = Field(
-        True, description="fold the mean of each removed input channel (over a batch) into the next conv's bias "
-                          "(BN-folded students only: a BatchNorm in train mode re-centres by itself)")
-    keep_batchnorm: bool = Field(
-        True, description="the first stage's student trains with the model's BatchNorm layers (loaded un-folded; "
-                          "normalization makes the pruned network far easier to retrain) and they are folded into "
-                          "the convs when the stage ends (best.pt, ONNX). false: the BN-folded student of QAT. "
-                          "Under DDP the student is always BN-folded")
-
-
-class SparsityStage(_Stage):
-    """Fine-grained sparsity kept by masks through this and every later stage; weights stay dense with zeros."""
-
-    type: Literal["sparsity"]
-    pattern: Literal["2:4", "unstructured"] = Field(
-        "2:4", description="2:4: two of every four weights along the input channels are zero (TensorRT sparse tensor "
-                           "cores); unstructured: the smallest weights by magnitude")
-    ratio: float = Field(0.5, gt=0, lt=1, description="unstructured: share of weights set to zero")
-    scope: Literal["layer", "global"] = Field("layer", description="unstructured: threshold per layer or global")
-    ignore: List[str] = Field(default_factory=list, description="module-name globs (or 're:' regexes) kept dense")
-
-
-class QuantStage(_Stage):
-    """Fake-quantization (the top-level quant section) + distillation."""
-
-    type: Literal["quant"]
-
-
-class DistillStage(_Stage):
-    """Plain distillation, no structural change (e.g. a longer recovery after pruning)."""
-
-    type: Literal["distill"]
-
-
-Stage = Annotated[Union[PruneStage, SparsityStage, QuantStage, DistillStage], Field(discriminator="type")]
-
-
-class RunConfig(_Section):
-    """A whole `act compress` (or `act ptq`) run."""
-
-    model: ModelConfig
-    data: DataConfig
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    ptq: PTQConfig = Field(default_factory=PTQConfig)
-    strategy: Literal["auto", "ptq", "qat"] = Field(
-        "auto", description="auto: PTQ probe, then QAT only if needed; ptq; qat: distillation QAT")
-    auto: AutoConfig = Field(default_factory=AutoConfig)
-    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
-    report: ReportConfig = Field(default_factory=ReportConfig)
-    output_dir: str = "runs/act/exp"
-    stages: Optional[List[Stage]] = Field(
-        None, description="run these stages in order (e.g. prune then quant), each from the previous stage's best "
-                          "student; default: one stage, quant if quant.enabled else distill")
-
-    @field_validator("stages")
-    @classmethod
-    def _stage_names(cls, v):
-        if v is not None:
-            if not v:
-                raise ValueError("expected at least one stage (or leave stages out)")
-            labels = [s.label for s in v]
-            dup = sorted({x for x in labels if labels.count(x) > 1})
-            if dup:
-                raise ValueError(f"stage names must differ (set name: on repeated types): {dup}")
-            types = [s.type for s in v]
-            if "quant" in types and types.index("quant") != len(types) - 1:
-                raise ValueError("the quant stage must be the last stage (pruning and sparsity act on float weights)")
-        return v
-
-    @field_validator("output_dir")
-    @classmethod
-    def _usable_dir(cls, v):
-        if not v.strip() or "\x00" in v:
-            raise ValueError("expected a folder path (not empty, no NUL characters)")
-        return v
-
-    def dump(self) -> Dict[str, Any]:
-        return self.model_dump(mode="json")
-
-
-def _set_dotted(d: Dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c` in nested dicts; a number indexes a list that is there (`stages.0.target`)."""
-    keys = dotted.split(".")
-    cur: Any = d
-    for i, k in enumerate(keys):
-        where = ".".join(keys[: i + 1])
-        if isinstance(cur, list):
-            if not k.isdigit() or int(k) >= len(cur):
-                raise ConfigError(f"override {dotted!r}: {where}: expected an index below {len(cur)} "
-                                  f"({'.'.join(keys[:i])} is a list of {len(cur)})")
-            k = int(k)
-        elif not isinstance(cur, dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} is not a section")
-        if i == len(keys) - 1:
-            cur[k] = value
-        elif isinstance(cur, dict) and cur.get(k) is None:
-            cur[k] = {}
-        cur = cur[k]
-
-
-def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
-    """`key.sub=value` strings; values are parsed as YAML (so `3`, `true`, `[1, 2]` have their types)."""
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=200)")
-        key, value = item.split("=", 1)
-        try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"invalid config:\n  {key.strip()}: the override value {value!r} is not valid YAML "
-                              f"({str(e).splitlines()[0]})") from None
-        _set_dotted(out, key.strip(), parsed)
-    return out
-
-
-_UNION_TAG = re.compile(r"^(bool|int|float|str|bytes|none|(list|dict|tuple|set|literal|function-\w+|json-or-python|"
-                        r"lax-or-strict|constrained-\w+|nullable)\[.*\]|function-\w+)$")
-
-
-def _section_names() -> set:
-    out, todo = set(), [_Section]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            out.add(sub.__name__)
-            todo.append(sub)
-    return out
-
-
-def _key_path(loc) -> str:
-    """The dotted key path of a pydantic error location, without the union member tags pydantic puts in it (e.g.
-    data.augment.AugmentConfig.flip -> data.augment.flip)."""
-    sections = _section_names()
-    keep = [str(p) for i, p in enumerate(loc)
-            if not (i > 0 and isinstance(p, str) and (_UNION_TAG.match(p) or p in sections))]
-    return ".".join(keep) or "<root>"
-
-
-def format_validation_error(err: ValidationError) -> str:
-    merged: Dict[str, List[str]] = {}
-    for e in err.errors():
-        path = _key_path(e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "missing required key"
-        got = e.get("input")
-        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        item = f"{msg}{shown}"
-        if item not in merged.setdefault(path, []):
-            merged[path].append(item)
-    lines = [f"  {path}: " + "; or ".join(items) for path, items in merged.items()]
-    return "invalid config:\n" + "\n".join(lines)
-
-
-def validate_config(raw: Dict[str, Any]) -> RunConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
-
-
-def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
-    return raw if raw is not None else {}
-
-
-def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None, raw=None) -> RunConfig:
-    """Read, override and validate a run config; also checks that the files it names exist."""
-    raw = read_yaml(path) if raw is None else raw
-    raw = apply_overrides(raw, overrides or [])
-    cfg = validate_config(raw)
-    check_paths(cfg)
-    return cfg
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Fail before any work when a file the config names is missing (names resolved elsewhere are checked there)."""
-    from act.data import resolve_source_exists
-    from teachers import resolve_teacher
-
-    try:
-        resolve_teacher(cfg.model.teacher, cfg.model.family)  # raises ModelError(exit 2) with where to put it
-    except ModelError as e:
-        raise ModelError(f"invalid config:\n  model.teacher: {e}") from None
-    problem = resolve_source_exists(cfg.data.train)
-    if problem:
-        raise ConfigError(f"invalid config:\n  data.train: {problem}")
-    if cfg.eval.data and not Path(cfg.eval.data).is_file():
-        raise ConfigError(f"invalid config:\n  eval.data: file not found (got {cfg.eval.data!r})")
-    if cfg.quant.init_from and not Path(cfg.quant.init_from).is_file():
-        raise ConfigError(f"invalid config:\n  quant.init_from: file not found (got {cfg.quant.init_from!r})")
-    if cfg.export.tensorrt.enabled:
-        from act.engine import import_tensorrt
-
-        import_tensorrt()  # export.tensorrt.enabled without TensorRT: exit 2 now, not after training
-    for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):
-        problem = src and resolve_source_exists(src)
-        if problem:
-            raise ConfigError(f"invalid config:\n  {key}: {problem}")

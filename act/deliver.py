@@ -1,0 +1,129 @@
+"""Delivery: from a run's chosen checkpoint to what the user takes away.
+
+`deliver(run, ...)` loads the checkpoint (best.pt, or ptq.pt), writes summary.json, exports the Q/DQ ONNX
+(act.export), verifies it in onnxruntime against the torch student (parity: a run whose ONNX does not match fails,
+exit 3), lints the Q/DQ placement (act.lint), builds the TensorRT engine when asked (act.engine) and writes the
+report (act.report).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from act import quant as Q
+from act.checkpoint import load_checkpoint
+from act.data import load_images, resolve_source
+from act.errors import ActError
+from act.export import export_onnx, lint_after_export, parity, qdq_summary
+from act.fileio import atomic_write_text
+from act.quant.health import collapsed_quantizers, format_report
+from act.stream import write_skipped
+
+
+def write_summary(out: Path, summary: Dict[str, Any]) -> None:
+    atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=2, default=str), what="summary")
+
+
+def parity_images(cfg, letterbox_fn=None) -> torch.Tensor:
+    """The images the ONNX is checked on: the first of the pool (random ones if the pool cannot be read)."""
+    n = cfg.export.parity_images
+    try:
+        paths = resolve_source(cfg.data.train)[:n]
+        return load_images(paths, cfg.data.imgsz, letterbox_fn)
+    except ActError:
+        return torch.rand(n, 3, cfg.data.imgsz, cfg.data.imgsz)
+
+
+def summarize(run, before, it: int, train_time: float, student, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """summary.json's content before export: metrics before / best / last, settings, health, decisions."""
+    cfg = run.cfg
+    after = run.history[-1].get("eval", {}) if len(run.history) > 1 else {}
+    bad_q = collapsed_quantizers(student) if cfg.quant.enabled else {}
+    best_eval = next((h["eval"] for h in run.history if h.get("iteration") == run.best_iteration and "eval" in h),
+                     after)
+    summary: Dict[str, Any] = {
+        "teacher": str(run.source.path),
+        "task": run.task,
+        "iterations": it,
+        "best_iteration": run.best_iteration,
+        "metric": run.metric,
+        "metrics": {"before": before, "best": best_eval, "last": after},
+        "time_s": {"train": round(train_time, 2)},
+        "nodes": [n.name for n in run.nodes],
+        "quantized_layers": len(Q.quantized_modules(run.student)),
+        "bad_images": len(run.bad_images),
+        "skipped_images": {"count": len(run.bad_images),
+                           "file": str(write_skipped(run.out, run.bad_images)) if run.bad_images else None},
+        "nonfinite_steps": run.nonfinite_steps,
+        "quant_health": {"collapsed": len(bad_q), "quantizers": bad_q} if cfg.quant.enabled else None,
+        "settings": cfg.dump(),
+    }
+    if getattr(run.student, "act_placement", None):
+        summary["placement"] = run.student.act_placement  # Q/DQ placement rules and shared-scale groups
+    if run.fidelity_paths:
+        summary["fidelity_images"] = {"count": len(run.fidelity_paths), "held_out": run.fidelity_held_out,
+                                      "first": str(run.fidelity_paths[0])}
+    if run.auto_skip:
+        summary["auto_skip"] = run.auto_skip
+    if run.decisions:
+        summary["decisions"] = run.decisions
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(summary.get(k), dict):
+            summary[k].update(v)
+        else:
+            summary[k] = v
+    if run.bad_images:
+        print(f"act: skipped {len(run.bad_images)} unusable image(s); list in {run.out / 'skipped_images.txt'}")
+    if bad_q:
+        print("\n".join([f"act: warning: {len(bad_q)} quantizer range(s) of the exported student collapsed:"]
+                        + format_report(bad_q)))
+    return summary
+
+
+def export_and_verify(run, student, summary: Dict[str, Any]) -> None:
+    """student.onnx (Q/DQ, Ultralytics metadata), its parity with the torch student, the lint, the engine."""
+    cfg = run.cfg
+    t1 = time.time()
+    onnx_path = export_onnx(student, run.out / "student.onnx", run.family, cfg.data.imgsz,
+                            cfg.export.batch, cfg.export.opset, cfg.export.dynamic,
+                            metadata={"act": json.dumps({"best_iteration": run.best_iteration})},
+                            simplify=cfg.export.simplify,
+                            skip=list(cfg.quant.skip) + list(run.family.float_patterns))
+    images = parity_images(cfg, run.family.letterbox)
+    par = parity(student, onnx_path, run.family, images, cfg.export.parity_tolerance, raise_on_fail=False)
+    summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
+    summary["onnx"]["lint"] = lint_after_export(onnx_path, quantized=cfg.quant.enabled)
+    if cfg.export.tensorrt.enabled:
+        from act.engine import build_engine
+
+        summary["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), cfg.export.tensorrt)
+    summary["time_s"]["export"] = round(time.time() - t1, 2)
+    write_summary(run.out, summary)
+    if not par["passed"]:
+        parity(student, onnx_path, run.family, images, cfg.export.parity_tolerance)  # raises
+
+
+def deliver(run, log, before, it: int, train_time: float, checkpoint: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """Summary, Q/DQ ONNX export of `checkpoint` and its parity check, report; writes summary.json."""
+    cfg = run.cfg
+    best_student = load_checkpoint(run.out / checkpoint)["model"].to(run.device)
+    summary = summarize(run, before, it, train_time, best_student, extra)
+    if cfg.export.onnx:
+        export_and_verify(run, best_student, summary)
+    if cfg.report.enabled:
+        from act.report import write_report
+
+        summary["report"] = write_report(run.out, summary, runner=run, log=log, student=best_student)
+    write_summary(run.out, summary)
+    if run.metric and run.best_metric is not None:
+        print(f"act: done. best {run.metric}: {run.best_metric:.4f} at iteration {run.best_iteration}")
+    else:
+        print(f"act: done at iteration {run.best_iteration} (no eval.metric: best.pt is the last student)")
+    print(f"act: outputs in {run.out}  (ONNX: {run.out / 'student.onnx'}; "
+          f"TensorBoard: tensorboard --logdir {run.log_dir()})")
+    return summary
