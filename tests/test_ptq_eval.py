@@ -148,12 +148,12 @@ def test_act_eval_missing_files_exit_2(tmp_path, capsys):
 
 
 def test_compress_starts_from_ptq_ranges(runs, tmp_path):
-    from act.compress import AutoCompression
+    from act.trainer import Trainer
     from act.errors import ConfigError
     from act.quant.calib import get_ranges
 
     ptq = runs["base"] / "percentile" / "ptq.pt"
-    ac = AutoCompression(_cfg(tmp_path / "qat", quant__init_from=str(ptq)))
+    ac = Trainer(_cfg(tmp_path / "qat", quant__init_from=str(ptq)))
     ac.setup()
     ac.calibrate(iter(()))  # no batch needed: the ranges come from the checkpoint
     assert get_ranges(ac.student) == pytest.approx(_ranges(ptq))
@@ -167,9 +167,9 @@ def test_compress_starts_from_ptq_ranges(runs, tmp_path):
     ckpt["act"]["teacher"] = "/somewhere/yolov8s-pose.pt"
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
-    ac2 = AutoCompression(_cfg(tmp_path / "qat2", quant__init_from=str(other)))
+    ac2 = Trainer(_cfg(tmp_path / "qat2", quant__init_from=str(other)))
     ac2.setup()
     with pytest.raises(ConfigError, match="calibrated for teacher"):
         ac2.calibrate(iter(()))
     with pytest.raises(ConfigError, match="quant.init_from: file not found"):
-        AutoCompression(_cfg(tmp_path / "qat3", quant__init_from=str(tmp_path / "missing.pt")))
+        Trainer(_cfg(tmp_path / "qat3", quant__init_from=str(tmp_path / "missing.pt")))

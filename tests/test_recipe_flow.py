@@ -84,7 +84,7 @@ def test_weight_ema_is_what_is_kept_and_it_resumes(tmp_path, monkeypatch):
     assert any(not torch.equal(best[k], v.cpu()) for k, v in raw.state_dict().items() if v.dtype.is_floating_point)
     assert last["act"]["ema"]["updates"] == 6
 
-    # interrupted after 3 steps and resumed: the same average as the uninterrupted run
+    # interrupted after 3 steps and resumed: the average goes on from the one last.pt saved, not from the student
     cfg2 = tiny_config(tmp_path / "b", train={"iterations": 6, "ema": 0.9, "ema_tau": 2.0},
                        eval={"fidelity": {"enabled": False}}, export={"onnx": False}, report={"enabled": False})
     calls = {"n": 0}
@@ -99,9 +99,19 @@ def test_weight_ema_is_what_is_kept_and_it_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
     with pytest.raises(Exception, match="--resume"):
         AutoCompression(cfg2).run()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")["act"]["ema"]
+    assert saved["updates"] == 3
+    at_resume = {}
+
+    def first_step_sees(self, images):
+        if not at_resume:
+            at_resume.update(updates=self.ema.updates, model={k: v.clone() for k, v in
+                                                              self.ema.module.state_dict().items()})
+        return real_step(self, images)
+
+    monkeypatch.setattr(Trainer, "train_step", first_step_sees)
     resumed = AutoCompression(cfg2)
     resumed.run(resume=True)
-    assert resumed.trainer.ema.updates == 6
-    for k, v in resumed.trainer.ema.module.state_dict().items():
-        assert torch.allclose(v, ema.module.state_dict()[k], atol=1e-5), k
+    assert at_resume["updates"] == 3 and resumed.trainer.ema.updates == 6
+    for k, v in saved["model"].items():
+        assert torch.equal(at_resume["model"][k].cpu(), v), k
