@@ -3,7 +3,6 @@ trainer free of the orchestration layers that plug into it."""
 
 import ast
 from collections import defaultdict
-from pathlib import Path
 
 from conftest import REPO
 
