@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from act.errors import ActError, ConfigError
-from act.losses import LOSSES, feature_l2, teacher_score_weights, weighted_mean
+from act.losses import LOSSES, NEEDS_BOX, feature_l2, teacher_score_weights, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -105,15 +105,29 @@ class FeatureCapture:
 class DistillLoss(nn.Module):
     """Sum over nodes of weight(branch) * weight(node) * loss(branch)(student, teacher)."""
 
-    def __init__(self, nodes: List[Node], config, reg_max: int = 16):
+    def __init__(self, nodes: List[Node], config, reg_max: int = 16, oks_sigmas=None, kpt_ndim: int = 3):
+        """oks_sigmas, kpt_ndim: the family's per-keypoint OKS sigmas and keypoint layout (pose models), for
+        `type: oks`."""
         super().__init__()
         self.nodes = nodes
         self.cfg = config
         self.reg_max = reg_max
+        self.oks_sigmas = None if oks_sigmas is None else torch.as_tensor(oks_sigmas, dtype=torch.float32)
+        self.kpt_ndim = kpt_ndim
+        # losses in keypoint space (oks) read the teacher's box node at the same pyramid level
+        self.box_node = {n.level: n.name for n in nodes if n.branch == "box" and n.level >= 0}
         # weighting teacher_score: the class node of each pyramid level supplies the weights of its box/kpt nodes
         self.score_node = {n.level: n.name for n in nodes if n.branch == "cls" and n.level >= 0}
         self.channel_maps: Dict[str, torch.Tensor] = {}  # feature node -> teacher channel of each student channel
         for n in nodes:
+            kind = self.cfg.losses[n.branch].type
+            if kind in NEEDS_BOX and n.branch != "kpt":
+                raise ConfigError(f"invalid config:\n  distill.losses.{n.branch}.type: {kind} compares keypoints; it "
+                                  f"is for the kpt branch (got it on {n.name})")
+            if kind in NEEDS_BOX and (n.level not in self.box_node or self.oks_sigmas is None):
+                raise ConfigError(f"invalid config:\n  distill.losses.{n.branch}.type: {kind} needs the teacher's box "
+                                  f"node at the level of {n.name} and the model's keypoint sigmas (a pose model with "
+                                  f"distill.nodes: auto)")
             if self.cfg.losses[n.branch].weighting == "teacher_score" and n.level not in self.score_node:
                 raise ConfigError(f"invalid config:\n  distill.losses.{n.branch}.weighting: teacher_score needs a class "
                                   f"branch node at the same level as {n.name} (distill.nodes: auto finds them)")
@@ -134,13 +148,18 @@ class DistillLoss(nn.Module):
         return t
 
     def node_loss(self, node: Node, s: torch.Tensor, t: torch.Tensor,
-                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  weights: Optional[torch.Tensor] = None, teacher_out: Optional[Dict[str, torch.Tensor]] = None
+                  ) -> torch.Tensor:
         spec = self.cfg.losses[node.branch]
         per_position = weights is not None
         if node.branch == "feature":
             loss = feature_l2(s, self._teacher_channels(node, s, t), per_position)
         else:
-            loss = LOSSES[spec.type](s, t, spec, per_position=per_position, reg_max=self.reg_max)
+            context = None
+            if spec.type in NEEDS_BOX:
+                context = {"teacher_box": teacher_out[self.box_node[node.level]], "sigmas": self.oks_sigmas,
+                           "ndim": self.kpt_ndim}
+            loss = LOSSES[spec.type](s, t, spec, per_position=per_position, reg_max=self.reg_max, context=context)
         return weighted_mean(loss, weights) if per_position else loss
 
     def forward(self, student_out: Dict[str, torch.Tensor], teacher_out: Dict[str, torch.Tensor]):
@@ -153,7 +172,7 @@ class DistillLoss(nn.Module):
                 if node.level not in scores:
                     scores[node.level] = teacher_score_weights(teacher_out[self.score_node[node.level]])
                 weights = scores[node.level]
-            loss = self.node_loss(node, student_out[node.name], teacher_out[node.name], weights)
+            loss = self.node_loss(node, student_out[node.name], teacher_out[node.name], weights, teacher_out)
             w = self.cfg.losses[node.branch].weight * self.cfg.node_weights.get(node.name, 1.0)
             per_node[node.name] = loss.detach()
             total = loss * w if total is None else total + loss * w

@@ -1,9 +1,13 @@
 """The distillation losses between a student output `s` and the teacher's `t` at one node.
 
 `LOSSES` maps a loss name (`distill.losses.<branch>.type` in the config) to a function
-`(s, t, spec, per_position, reg_max) -> loss` (`spec`: the config's LossSpec: temperature, axis, ...); with
+`(s, t, spec, per_position, reg_max, context) -> loss` (`spec`: the config's LossSpec: temperature, axis, ...;
+`context`: what a loss needs beyond its node, e.g. the teacher's box output at the same level for `oks`); with
 `per_position` it returns a (B, H, W) map that act.distill weights by the teacher's class score, else the mean. A new
 loss is a function here plus its entry in `LOSSES`.
+
+The head layout these losses read is the YOLOv8 / YOLO11 one: a box node holds 4 x reg_max DFL bins per anchor, a
+keypoint node nk x ndim channels (x, y[, visibility logit]) per anchor, decoded as (2 * raw + anchor - 0.5) * stride.
 """
 
 from __future__ import annotations
@@ -69,16 +73,61 @@ def weighted_mean(per_position: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _soft_label(s, t, spec, per_position: bool = False, reg_max: int = 16):
+def _soft_label(s, t, spec, per_position: bool = False, reg_max: int = 16, context=None):
     axis = spec.axis
     if axis == "dfl" and s.shape[1] % 4:
         axis = "channel"
     return soft_label_loss(s, t, spec.temperature, axis, reg_max, per_position)
 
 
+KPT_AREA = 0.53  # box area -> keypoint "segment area" for OKS, as Ultralytics' pose metrics and COCO's crowd-free case
+
+
+def dfl_distances(box: torch.Tensor) -> torch.Tensor:
+    """(B, 4 * bins, H, W) DFL logits -> (B, 4, H, W) expected left, top, right, bottom distances in grid units."""
+    b, c, h, w = box.shape
+    p = box.float().view(b, 4, c // 4, h, w).softmax(2)
+    bins = torch.arange(c // 4, device=box.device, dtype=p.dtype).view(1, 1, -1, 1, 1)
+    return (p * bins).sum(2)
+
+
+def oks_keypoint_loss(s: torch.Tensor, t: torch.Tensor, teacher_box: torch.Tensor, sigmas: torch.Tensor,
+                      ndim: int = 3, temperature: float = 1.0, visibility_weight: float = 1.0,
+                      per_position: bool = False) -> torch.Tensor:
+    """Keypoint distillation where COCO scores keypoints: per anchor, 1 - OKS of the student's decoded keypoints
+    against the teacher's, each keypoint weighted by the teacher's visibility, the object size taken from the
+    teacher's box at the same anchor (its DFL decode; area * 0.53 as Ultralytics' kpt_iou), the per-keypoint sigmas
+    of the family; plus `visibility_weight` x the sigmoid soft-label loss of the visibility logits. Decoded pixel
+    positions differ by 2 * stride * (s - t) and the box area scales with stride^2, so the stride cancels: raw
+    outputs suffice. s, t: (B, nk * ndim, H, W); teacher_box: (B, 4 * bins, H, W)."""
+    b, c, h, w = s.shape
+    nk = c // ndim
+    s5, t5 = s.float().view(b, nk, ndim, h, w), t.float().view(b, nk, ndim, h, w)
+    d2 = 4.0 * ((s5[:, :, 0] - t5[:, :, 0]) ** 2 + (s5[:, :, 1] - t5[:, :, 1]) ** 2)  # (grid units)^2
+    with torch.no_grad():
+        ltrb = dfl_distances(teacher_box)
+        area = ((ltrb[:, 0] + ltrb[:, 2]) * (ltrb[:, 1] + ltrb[:, 3]) * KPT_AREA).clamp_min(1e-6)  # (B, H, W)
+        vis = torch.sigmoid(t5[:, :, 2]) if ndim == 3 else torch.ones_like(d2)
+    sig = sigmas.to(device=s.device, dtype=torch.float32).view(1, nk, 1, 1)
+    e = d2 / ((2 * sig) ** 2 * area[:, None] * 2)
+    loss = (vis * (1 - torch.exp(-e))).sum(1) / (vis.sum(1) + 1e-9)  # (B, H, W)
+    if ndim == 3 and visibility_weight:
+        loss = loss + visibility_weight * sigmoid_soft_label_loss(s5[:, :, 2], t5[:, :, 2], temperature,
+                                                                  per_position=True)
+    return loss if per_position else loss.mean()
+
+
+def _oks(s, t, spec, per_position: bool = False, reg_max: int = 16, context=None):
+    return oks_keypoint_loss(s, t, context["teacher_box"], context["sigmas"], context.get("ndim", 3),
+                             spec.temperature, spec.visibility_weight, per_position)
+
+
 LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "soft_label": _soft_label,
-    "bce": lambda s, t, spec, per_position=False, reg_max=16: sigmoid_soft_label_loss(s, t, spec.temperature,
-                                                                                       per_position),
-    "l2": lambda s, t, spec, per_position=False, reg_max=16: l2_loss(s, t, per_position),
+    "bce": lambda s, t, spec, per_position=False, reg_max=16, context=None: sigmoid_soft_label_loss(
+        s, t, spec.temperature, per_position),
+    "l2": lambda s, t, spec, per_position=False, reg_max=16, context=None: l2_loss(s, t, per_position),
+    "oks": _oks,
 }
+
+NEEDS_BOX = {"oks"}  # losses that read the teacher's box node at the same level (context["teacher_box"])

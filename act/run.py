@@ -104,7 +104,11 @@ class Run:
         self.student = self.build_student()
         self.nodes = find_nodes(self.teacher, self.family, cfg.distill.nodes)
         self.feature_nodes = find_feature_nodes(self.teacher, self.family, cfg.distill.features)
-        self.loss_fn = DistillLoss(self.nodes + self.feature_nodes, cfg.distill, reg_max=self.family.dfl_bins(self.teacher))
+        kpt = self.family.keypoint_shape(self.teacher)  # (nk, ndim) of a pose model, else ()
+        self.loss_fn = DistillLoss(self.nodes + self.feature_nodes, cfg.distill,
+                                   reg_max=self.family.dfl_bins(self.teacher),
+                                   oks_sigmas=self.family.oks_sigmas(kpt[0]) if kpt else None,
+                                   kpt_ndim=kpt[1] if len(kpt) > 1 else 3)
         self.loss_fn.set_channel_maps(channel_map(self.student))
         self.teacher.to(self.device)
         self.student.to(self.device)

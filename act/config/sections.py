@@ -88,7 +88,9 @@ BranchType = Literal["box", "cls", "kpt", "other", "feature"]
 
 class LossSpec(_Section):
     """One distillation loss. `soft_label`: softmax with temperature over `axis`, cross-entropy (KL) to the teacher.
-    `l2`: mean squared error. `bce`: sigmoid cross-entropy with the teacher's sigmoid as soft target.
+    `l2`: mean squared error. `bce`: sigmoid cross-entropy with the teacher's sigmoid as soft target. `oks` (keypoint
+    branch): 1 - OKS of the student's keypoints against the teacher's, sized by the teacher's box and weighted by its
+    keypoint visibility, plus a visibility soft-label term (act.losses.oks_keypoint_loss).
     `weighting`: `uniform` averages over every anchor position; `teacher_score` weights each position by the teacher's
     class score there (its highest sigmoid class probability at the same pyramid level), so the box / keypoint loss
     is spent where the model's outputs are used, not on background anchors whose boxes and keypoints are discarded."""
@@ -98,6 +100,7 @@ class LossSpec(_Section):
     axis: Literal["channel", "spatial", "dfl"] = "channel"
     weight: float = Field(1.0, ge=0)
     weighting: Literal["uniform", "teacher_score"] = "uniform"
+    visibility_weight: float = Field(1.0, ge=0, description="oks: weight of the keypoint-visibility soft-label term")
 
     @model_validator(mode="after")
     def _weighting_per_position(self):
