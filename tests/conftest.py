@@ -44,6 +44,24 @@ def tiny_config(out_dir, **sections):
     return cfg
 
 
+def interrupt_at_step(monkeypatch, n: int, cls=None):
+    """Make the n-th training step of this process (1-based) raise KeyboardInterrupt, as a Ctrl-C inside a step.
+    Returns the real train_step, to put back with monkeypatch.setattr(cls, "train_step", real)."""
+    if cls is None:
+        from act.trainer import Trainer as cls
+    calls = {"n": 0}
+    real = cls.train_step
+
+    def step_then_interrupt(self, images):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(cls, "train_step", step_then_interrupt)
+    return real
+
+
 def cli_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

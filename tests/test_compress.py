@@ -15,7 +15,7 @@ from act.trainer import Trainer
 from act.checkpoint import load_checkpoint
 from act.export import qdq_summary
 from act.quant import QuantConv2d, quantized_modules
-from conftest import REPO, cli_env, tiny_config
+from conftest import cli_env, interrupt_at_step, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +98,7 @@ def test_best_and_last_checkpoints(run):
 def test_resume_continues_where_last_pt_stopped(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, export={"onnx": False})
     ac = AutoCompression(cfg)
-    calls = {"n": 0}
-    real_step = Trainer.train_step
-
-    def step_then_interrupt(self, images):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, images)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    real_step = interrupt_at_step(monkeypatch, 4)
     from act.errors import ActError
 
     with pytest.raises(ActError, match="--resume"):

@@ -9,7 +9,7 @@ from act import AutoCompression
 from act.checkpoint import load_checkpoint
 from act.quant.calib import get_ranges
 from act.trainer import Trainer
-from conftest import REPO, tiny_config
+from conftest import REPO, interrupt_at_step, tiny_config
 
 CANDIDATES = [{"calibrator": "percentile", "percentile": 99.99}, {"calibrator": "minmax"}, {"calibrator": "mse"}]
 
@@ -87,16 +87,7 @@ def test_weight_ema_is_what_is_kept_and_it_resumes(tmp_path, monkeypatch):
     # interrupted after 3 steps and resumed: the average goes on from the one last.pt saved, not from the student
     cfg2 = tiny_config(tmp_path / "b", train={"iterations": 6, "ema": 0.9, "ema_tau": 2.0},
                        eval={"fidelity": {"enabled": False}}, export={"onnx": False}, report={"enabled": False})
-    calls = {"n": 0}
-    real_step = Trainer.train_step
-
-    def step_then_interrupt(self, images):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, images)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    real_step = interrupt_at_step(monkeypatch, 4)
     with pytest.raises(Exception, match="--resume"):
         AutoCompression(cfg2).run()
     saved = load_checkpoint(tmp_path / "b" / "last.pt")["act"]["ema"]
