@@ -155,6 +155,7 @@ class NanGuard:
         if same:  # (a prune step since the snapshot changes the architecture: then only the lr is lowered)
             self.model.load_state_dict(good["model"])
             self.optimizer.load_state_dict(good["optimizer"])
+            getattr(self.owner, "invalidate_step", lambda: None)()  # (new optimizer state tensors)
         self.restores += 1
         f = self.policy.lr_factor
         self.lr_scale *= f

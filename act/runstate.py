@@ -73,6 +73,7 @@ def restore_training_state(trainer, ckpt: Dict[str, Any]) -> int:
     trainer.student.load_state_dict(ckpt["model"].state_dict())
     trainer.student.to(trainer.device)
     trainer.optimizer.load_state_dict(st["optimizer"])
+    getattr(trainer, "invalidate_step", lambda: None)()  # (new optimizer state tensors)
     trainer.scheduler.load_state_dict(st["scheduler"])
     if st["scaler"] and trainer.scaler.is_enabled():
         trainer.scaler.load_state_dict(st["scaler"])

@@ -35,6 +35,7 @@ from act.quant.health import CollapseWatch
 from act.recovery import NanGuard, grads_finite
 from act.run import Run, fmt_metrics
 from act.signals import StopSignals
+from act.step_graph import captured_step
 from act.stream import ImageStream
 
 
@@ -130,6 +131,14 @@ class Trainer(Run):
         else:
             self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=2**30,
                                                enabled=self.sync_free)
+        # train.cuda_graph (act.step_graph): bound to this optimizer; made again with each new one (a pruning step)
+        self.step_graph = captured_step(self.cfg.train, self.device, self.dist.enabled, self.forward_loss, self.optimizer,
+                                        self.student.parameters(), say=print if self.dist.is_main else lambda m: None)
+
+    def invalidate_step(self) -> None:
+        """The optimizer's or the model's tensors were replaced (a restore, a resume): capture the step again."""
+        if getattr(self, "step_graph", None) is not None:
+            self.step_graph.invalidate()
 
     def lr_factor(self, it: int) -> float:
         """The learning rate at iteration `it`, as a factor of train.lr: linear warmup, then constant or cosine."""
@@ -172,15 +181,24 @@ class Trainer(Run):
         loss, _ = self.loss_fn(self.s_capture.pop(), t_out)
         return loss
 
-    def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
-        """One distillation step. Returns the loss and per-node losses; on CUDA (and under DDP) as device tensors
-        that the caller reads only at log steps, so the host never waits for the device inside a step."""
-        images = self.model_input(images)
-        t_out = self.teacher_outputs(images)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+    def forward_loss(self, images: torch.Tensor):
+        """Teacher and student forward on one batch -> (loss, {node: loss}); no autocast weight cache (a captured
+        step must not keep casts across replays)."""
+        t_out = self.teacher_outputs(images := self.model_input(images))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None, cache_enabled=False):
             s_out = self.train_model(images)
-        loss, per_node = self.loss_fn(s_out, t_out)
-        stats = self._step_sync_free(loss, per_node) if self.sync_free else self._step_checked(loss, per_node)
+        return self.loss_fn(s_out, t_out)
+
+    def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
+        """One distillation step (with train.cuda_graph: a replay). Returns the loss and per-node losses; on CUDA
+        (and under DDP) as device tensors read at log steps only: the host never waits for the device in a step."""
+        if self.step_graph is not None:
+            stats = self._after_update(*self.step_graph.step(images, self._eager_update))
+        elif self.sync_free:
+            stats = self._after_update(*self._eager_update(images))
+        else:
+            stats = self._step_checked(*self.forward_loss(images))
         for h in self.hooks:
             h.after_step(self)
         if self.cfg.train.ema:
@@ -218,7 +236,9 @@ class Trainer(Run):
         out.update({f"node/{k}": float(v) for k, v in per_node.items()})
         return out
 
-    def _step_sync_free(self, loss: torch.Tensor, per_node: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    def _eager_update(self, images: torch.Tensor):
+        """Forward, backward and optimizer step with no host sync (what the captured step records)."""
+        loss, per_node = self.forward_loss(images)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
@@ -226,6 +246,10 @@ class Trainer(Run):
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)  # skipped on the device when a gradient is not finite
         self.scaler.update()
+        return loss, per_node
+
+    def _after_update(self, loss: torch.Tensor, per_node: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """The sync-free step's bookkeeping: scheduler, non-finite steps counted on the device."""
         self.scheduler.step()
         loss = loss.detach()
         bad = (~torch.isfinite(loss)).int()

@@ -36,15 +36,28 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("ACT_NO_PROGRESS", "1")
 
 # name -> overrides; each later variant adds one knob (docs/scale.md records each one's effect)
+EAGER = ["train.cuda_graph=false"]
+GRAPH = ["train.cuda_graph=true"]
 VARIANTS: Dict[str, List[str]] = {
-    "fp32": ["train.amp=none", "train.channels_last=false"],
-    "fp32_cl": ["train.amp=none", "train.channels_last=true"],
-    "bf16": ["train.amp=bf16", "train.channels_last=false"],
-    "bf16_cl": ["train.amp=bf16", "train.channels_last=true"],
-    "tbf16_cl": ["train.amp=none", "train.teacher_amp=bf16", "train.channels_last=true"],
+    # the eager step (train.cuda_graph=false)
+    "fp32": ["train.amp=none", "train.channels_last=false"] + EAGER,
+    "fp32_cl": ["train.amp=none", "train.channels_last=true"] + EAGER,
+    "bf16": ["train.amp=bf16", "train.channels_last=false"] + EAGER,
+    "bf16_cl": ["train.amp=bf16", "train.channels_last=true"] + EAGER,
+    "tbf16_cl": ["train.amp=none", "train.teacher_amp=bf16", "train.channels_last=true"] + EAGER,
     "bf16_cl_compile": ["train.amp=bf16", "train.channels_last=true", "train.compile=true"],
     "fp32_compile": ["train.amp=none", "train.channels_last=false", "train.compile=true"],
-    "fp32_qcompile": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"],
+    "fp32_qcompile": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"] + EAGER,
+    # the captured step (act.step_graph)
+    "fp32_graph": ["train.amp=none", "train.channels_last=false"] + GRAPH,
+    "fp32_qcompile_graph": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"] + GRAPH,
+    "fp32_cl_qcompile_graph": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers"] + GRAPH,
+    "tbf16_qcompile_graph": ["train.amp=none", "train.teacher_amp=bf16", "train.compile=quantizers"] + GRAPH,
+    # FP32 distillation (no quantizers): the prune stage's step
+    "distill_fp32": ["quant.enabled=false", "train.amp=none"] + EAGER,
+    "distill_fp32_graph": ["quant.enabled=false", "train.amp=none"] + GRAPH,
+    "distill_cl_graph": ["quant.enabled=false", "train.amp=none", "train.channels_last=true"] + GRAPH,
+    "distill_tbf16_graph": ["quant.enabled=false", "train.amp=none", "train.teacher_amp=bf16"] + GRAPH,
 }
 DATA_VARIANTS: Dict[str, List[str]] = {
     "workers2": ["data.workers=2", "data.cache=false"],
@@ -65,13 +78,14 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default="results/bench_train")
-    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_qcompile", "fp32_cl", "bf16_cl",
-                                                             "tbf16_cl"],
+    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_graph", "fp32_qcompile_graph",
+                                                     "fp32_cl_qcompile_graph", "tbf16_qcompile_graph", "distill_fp32",
+                                                     "distill_fp32_graph", "distill_cl_graph", "distill_tbf16_graph"],
                    help=f"act speed variants, synthetic batches (known: {', '.join(VARIANTS)}; or NAME=ov1,ov2)")
-    p.add_argument("--real", nargs="*", default=["fp32+workers2", "fp32+auto", "fp32+auto_ram", "fp32+w15_ram",
-                                                      "fp32_qcompile+auto_ram"],
+    p.add_argument("--real", nargs="*", default=["fp32_qcompile_graph+auto", "fp32_qcompile_graph+auto_ram",
+                                                 "distill_fp32_graph+auto_ram"],
                    help=f"VARIANT+DATA pairs run with the real loader (data: {', '.join(DATA_VARIANTS)})")
-    p.add_argument("--profile", nargs="*", default=["fp32", "fp32_qcompile"], help="variants to profile (synthetic)")
+    p.add_argument("--profile", nargs="*", default=["fp32_qcompile_graph"], help="variants to profile (synthetic)")
     p.add_argument("--compile-timeout", type=int, default=240, help="s; the compile variant runs in a subprocess")
     p.add_argument("--ddp", type=int, default=None, help="GPUs for the DDP row (default: all visible if > 1)")
     p.add_argument("--ddp-variant", default="fp32+auto_ram")
@@ -225,7 +239,7 @@ def bench_act_synthetic(args, name: str, overrides: List[str], profile: bool) ->
     row = {"row": f"act {name}", "mode": "synthetic", "overrides": overrides,
            "images_per_s": round(args.iters * args.batch / dt, 1), "step_ms": round(dt / args.iters * 1e3, 2),
            "peak_gib": peak_gib(ac.device), "teacher_fwd_ms": teacher_ms(ac, ac.model_input(xs[0])),
-           "warmup_s": round(first, 1)}
+           "warmup_s": round(first, 1), "graph": ac.step_graph.info() if ac.step_graph is not None else None}
     if profile:
         row["profile"] = write_profile(args, ac, xs, name)
     return row
@@ -298,7 +312,7 @@ def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
             "images_per_s": round(n / dt, 1), "step_ms": round(dt / args.iters * 1e3, 2),
             "data_wait_share": round(wait / dt, 3), "loader_only_images_per_s": round(loader_ips, 1),
             "workers": resolve_workers(ac.cfg.data.workers, ac.dist.world_size), "peak_gib": peak_gib(ac.device),
-            "setup_s": round(setup_s, 1)}
+            "setup_s": round(setup_s, 1), "graph": ac.step_graph.info() if ac.step_graph is not None else None}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -370,7 +384,7 @@ def run_isolated(args, spec: str) -> Dict[str, Any]:
 COLS = [("row", "row"), ("mode", "data"), ("images_per_s", "img/s"), ("vs_plain", "x plain fp32"),
         ("step_ms", "step ms"), ("teacher_fwd_ms", "teacher fwd ms"), ("peak_gib", "GPU peak GiB"),
         ("data_wait_share", "loader wait share"), ("loader_only_images_per_s", "loader alone img/s"),
-        ("workers", "workers")]
+        ("workers", "workers"), ("graph_s", "CUDA graph")]
 
 
 def write(args, meta, rows):
@@ -378,6 +392,9 @@ def write(args, meta, rows):
     for r in rows:
         if plain and "images_per_s" in r:
             r["vs_plain"] = round(r["images_per_s"] / plain, 2)
+        g = r.get("graph")
+        if g:
+            r["graph_s"] = f"failed: {g['failed'][:60]}" if g.get("failed") else f"{g['replays']} replays"
     out = Path(args.out)
     (out / "bench_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# act training-step benchmark ({meta['date']})", "",

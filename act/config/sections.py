@@ -336,6 +336,13 @@ class TrainConfig(_Section):
     compile: Union[bool, Literal["quantizers"]] = Field(
         False, description="true: torch.compile the student's forward; 'quantizers': compile only the activation "
                            "quantizers' fake-quant (two small kernels, quick to build)")
+    cuda_graph: Union[bool, Literal["auto"]] = Field(
+        False, description="capture the whole step (teacher, student forward/backward, optimizer) as one CUDA graph "
+                           "and replay it (docs/scale.md): true = where it can run (one CUDA process, no "
+                           "train.compile=true, no fp16), else eager with a message; auto: the same, silently; "
+                           "false (default until the captured QAT step matches the eager one on a GPU): eager")
+    cuda_graph_warmup: int = Field(3, ge=1, description="eager steps before the capture (and after each "
+                                                        "re-capture: a pruning step, a restore)")
     find_unused_parameters: bool = Field(True, description="DDP: allow parameters that get no gradient (e.g. the "
                                                           "DFL decode conv past the distilled nodes)")
 
