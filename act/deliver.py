@@ -111,10 +111,17 @@ def export_and_verify(run, student, summary: Dict[str, Any]) -> None:
 def deliver(run, log, before, it: int, train_time: float, checkpoint: str, extra: Dict[str, Any]) -> Dict[str, Any]:
     """Summary, Q/DQ ONNX export of `checkpoint` and its parity check, report; writes summary.json."""
     cfg = run.cfg
+    t0 = time.time()
     best_student = load_checkpoint(run.out / checkpoint)["model"].to(run.device)
     summary = summarize(run, before, it, train_time, best_student, extra)
     if cfg.export.onnx:
         export_and_verify(run, best_student, summary)
+    # end to end: from the start of the run (setup, calibration, training, evaluations) to the delivered files
+    end_to_end = train_time + time.time() - t0
+    summary["time_s"]["end_to_end"] = round(end_to_end, 2)
+    speed = summary.get("speed") or {}
+    if speed.get("images"):
+        speed["end_to_end_images_per_s"] = round(speed["images"] / end_to_end, 2)
     if cfg.report.enabled:
         from act.report import write_report
 

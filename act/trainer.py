@@ -420,7 +420,7 @@ class Trainer(Run):
                        "compress": round(self.calibrate_time + step_time, 2), "eval": round(self.eval_time, 2)},
             "speed": {"train_images_per_s": round(step_images / step_time, 2) if step_time > 0 else None,
                       "data_wait_share": round(data_wait / step_time, 3) if step_time > 0 else None,
-                      "ranks": self.dist.world_size, "global_batch": self.global_batch},
+                      "ranks": self.dist.world_size, "global_batch": self.global_batch, "images": step_images},
             "quant_init": self.quant_init,
             "nan_policy": self.guard.state_dict(),
         }

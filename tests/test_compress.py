@@ -149,6 +149,10 @@ def test_summary_and_outputs(run):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["onnx"]["parity"]["passed"] and on_disk["iterations"] == 6
+    # what the run cost end to end (setup to delivered files) and its images per second, beside the steps' own
+    t, sp = on_disk["time_s"], on_disk["speed"]
+    assert t["end_to_end"] >= t["train"] > t["steps"] > 0 and t["end_to_end"] >= t["train"] + t["export"] - 0.01
+    assert sp["images"] == 6 * 2 and 0 < sp["end_to_end_images_per_s"] < sp["train_images_per_s"]
 
 
 def test_cli_bad_config_exits_2_with_key_path(tmp_path):
