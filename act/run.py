@@ -112,7 +112,7 @@ class Run:
         self.loss_fn.set_channel_maps(channel_map(self.student))
         self.teacher.to(self.device)
         self.student.to(self.device)
-        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        self.channels_last = cfg.train.channels_last in (True, "auto") and self.device.type == "cuda"
         if self.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)

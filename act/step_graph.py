@@ -53,7 +53,7 @@ def captured_step(train_cfg, device: torch.device, distributed: bool, body, opti
         return None
     why = unavailable_reason(device, distributed, train_cfg.compile is True, train_cfg.amp)
     if why is not None:
-        if train_cfg.cuda_graph is True and why not in _SAID:
+        if why not in _SAID:
             _SAID.add(why)
             say(f"act: train.cuda_graph: the step runs eagerly: {why}")
         return None
@@ -103,6 +103,8 @@ class CapturedStep:
         self._said_shape = False
         self._input: Optional[torch.Tensor] = None
         self._outputs: Optional[torch.Tensor] = None
+        self._found_inf: Optional[torch.Tensor] = None
+        self._one: Optional[torch.Tensor] = None
         self._names: Tuple[str, ...] = ()
         self._lrs: list = []
 
@@ -110,7 +112,7 @@ class CapturedStep:
     def invalidate(self) -> None:
         """The optimizer, the model or their tensors changed: capture again after `warmup` eager steps."""
         self.graph = None
-        self._input = self._outputs = None
+        self._input = self._outputs = self._found_inf = self._one = None
         self._lrs = []
         self.eager_steps = 0
 
@@ -163,8 +165,11 @@ class CapturedStep:
         saved_capturable = [g.get("capturable") for g in opt.param_groups]
         self._input = torch.empty_like(images, device=self.device)
         self._input.copy_(images, non_blocking=True)
-        found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
-        one = torch.ones((), dtype=torch.float32, device=self.device)
+        # Every tensor the graph reads or writes must live as long as the graph: the replay uses its address.
+        # (found_inf and one were locals once: freed after the capture, their memory was handed to other tensors,
+        # and from the second replay on the gradients were multiplied by whatever lay there.)
+        self._found_inf = found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._one = one = torch.ones((), dtype=torch.float32, device=self.device)
         graph = torch.cuda.CUDAGraph()
         opt.zero_grad(set_to_none=True)  # the backward allocates the gradients inside the graph's pool
         torch.cuda.current_stream(self.device).synchronize()

@@ -70,7 +70,7 @@ class Trainer(Run):
             model = D.wrap_ddp(model, self.device, cfg.train.find_unused_parameters)
         from act.quant import fused
 
-        fused.set_enabled(cfg.train.compile == "quantizers")
+        fused.set_enabled(fused.wanted(cfg.train.compile, self.device))
         if cfg.train.compile is True:
             if self.dist.enabled:
                 if self.dist.is_main:

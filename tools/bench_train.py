@@ -53,12 +53,31 @@ VARIANTS: Dict[str, List[str]] = {
     "fp32_qcompile_graph": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"] + GRAPH,
     "fp32_cl_qcompile_graph": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers"] + GRAPH,
     "tbf16_qcompile_graph": ["train.amp=none", "train.teacher_amp=bf16", "train.compile=quantizers"] + GRAPH,
+    # the fused quantizer kernels by implementation (act.quant.fused; the default on CUDA is triton)
+    "fp32_cl_qtriton": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers",
+                        "env:ACT_QUANT_KERNELS=triton"] + EAGER,
+    "fp32_cl_qinductor_graph": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers",
+                                "env:ACT_QUANT_KERNELS=inductor"] + GRAPH,
+    "fp32_cl_qtriton_graph": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers",
+                              "env:ACT_QUANT_KERNELS=triton"] + GRAPH,
+    "fp32_qtriton_graph": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers",
+                           "env:ACT_QUANT_KERNELS=triton"] + GRAPH,
+    # the defaults, whatever they are (what `act compress` runs on a GPU)
+    "default": [],
+    "default_distill": ["quant.enabled=false"],
     # FP32 distillation (no quantizers): the prune stage's step
     "distill_fp32": ["quant.enabled=false", "train.amp=none"] + EAGER,
     "distill_fp32_graph": ["quant.enabled=false", "train.amp=none"] + GRAPH,
     "distill_cl_graph": ["quant.enabled=false", "train.amp=none", "train.channels_last=true"] + GRAPH,
     "distill_tbf16_graph": ["quant.enabled=false", "train.amp=none", "train.teacher_amp=bf16"] + GRAPH,
 }
+# every named variant spells out the speed knobs whose defaults are 'auto' (all but default*), so a row means the
+# same thing whatever the defaults are
+for _name, _ov in VARIANTS.items():
+    if not _name.startswith("default"):
+        for _key, _off in (("train.compile", "false"), ("train.channels_last", "false")):
+            if not any(o.startswith(_key + "=") for o in _ov):
+                _ov.append(f"{_key}={_off}")
 DATA_VARIANTS: Dict[str, List[str]] = {
     "workers2": ["data.workers=2", "data.cache=false"],
     "auto": ["data.workers=auto", "data.cache=false"],
@@ -78,14 +97,13 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default="results/bench_train")
-    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_graph", "fp32_qcompile_graph",
-                                                     "fp32_cl_qcompile_graph", "tbf16_qcompile_graph", "distill_fp32",
-                                                     "distill_fp32_graph", "distill_cl_graph", "distill_tbf16_graph"],
+    p.add_argument("--variants", nargs="*", default=["fp32", "fp32_graph", "fp32_cl_qinductor_graph",
+                                                     "fp32_qtriton_graph", "default", "distill_fp32",
+                                                     "default_distill"],
                    help=f"act speed variants, synthetic batches (known: {', '.join(VARIANTS)}; or NAME=ov1,ov2)")
-    p.add_argument("--real", nargs="*", default=["fp32_qcompile_graph+auto", "fp32_qcompile_graph+auto_ram",
-                                                 "distill_fp32_graph+auto_ram"],
+    p.add_argument("--real", nargs="*", default=["default+auto_ram", "default_distill+auto_ram"],
                    help=f"VARIANT+DATA pairs run with the real loader (data: {', '.join(DATA_VARIANTS)})")
-    p.add_argument("--profile", nargs="*", default=["fp32_qcompile_graph"], help="variants to profile (synthetic)")
+    p.add_argument("--profile", nargs="*", default=["default"], help="variants to profile (synthetic)")
     p.add_argument("--compile-timeout", type=int, default=240, help="s; the compile variant runs in a subprocess")
     p.add_argument("--ddp", type=int, default=None, help="GPUs for the DDP row (default: all visible if > 1)")
     p.add_argument("--ddp-variant", default="fp32+auto_ram")
@@ -126,9 +144,19 @@ def base_config(args, out_dir: str) -> Dict[str, Any]:
     }
 
 
+def split_env(overrides: List[str]):
+    """'env:NAME=VALUE' items of a variant set an environment variable for its row (e.g. ACT_QUANT_KERNELS)."""
+    env = dict(o[4:].split("=", 1) for o in overrides if o.startswith("env:"))
+    return [o for o in overrides if not o.startswith("env:")], env
+
+
 def make_ac(args, overrides: List[str]):
     from act.trainer import Trainer
 
+    overrides, env = split_env(overrides)
+    for k in ("ACT_QUANT_KERNELS",):
+        os.environ.pop(k, None)
+    os.environ.update(env)
     out = tempfile.mkdtemp(prefix="act_bench_")
     ac = Trainer(base_config(args, out), overrides=overrides)
     ac.setup()

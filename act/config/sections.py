@@ -332,15 +332,19 @@ class TrainConfig(_Section):
     # speed (docs/scale.md)
     teacher_amp: Optional[Literal["none", "bf16", "fp16"]] = Field(
         None, description="autocast dtype of the teacher's forward (no grad); default: as train.amp")
-    channels_last: bool = Field(False, description="NHWC memory format for teacher, student and batches (CUDA)")
-    compile: Union[bool, Literal["quantizers"]] = Field(
-        False, description="true: torch.compile the student's forward; 'quantizers': compile only the activation "
-                           "quantizers' fake-quant (two small kernels, quick to build)")
+    channels_last: Union[bool, Literal["auto"]] = Field(
+        "auto", description="NHWC memory format for teacher, student and batches; auto (default): on CUDA "
+                            "(cuDNN's NHWC kernels, no layout transposes), never on the CPU")
+    compile: Union[bool, Literal["quantizers", "auto"]] = Field(
+        "auto", description="auto (default): the activation quantizers' fused kernels (act.quant.fused) on CUDA "
+                            "where Triton is installed (hand-written, nothing to compile), else off; 'quantizers': "
+                            "those kernels everywhere (elsewhere built by torch.compile, ~30 s at start); true: "
+                            "torch.compile the student's forward; false: eager ops")
     cuda_graph: Union[bool, Literal["auto"]] = Field(
-        False, description="capture the whole step (teacher, student forward/backward, optimizer) as one CUDA graph "
-                           "and replay it (docs/scale.md): true = where it can run (one CUDA process, no "
-                           "train.compile=true, no fp16), else eager with a message; auto: the same, silently; "
-                           "false (default until the captured QAT step matches the eager one on a GPU): eager")
+        "auto", description="capture the whole step (teacher, student forward/backward, optimizer) as one CUDA "
+                            "graph and replay it (docs/scale.md). auto (default) / true: where it can run (one CUDA "
+                            "process, no train.compile=true, no fp16, a fixed batch shape), else eager with a "
+                            "message (once per process); false: eager")
     cuda_graph_warmup: int = Field(3, ge=1, description="eager steps before the capture (and after each "
                                                         "re-capture: a pruning step, a restore)")
     find_unused_parameters: bool = Field(True, description="DDP: allow parameters that get no gradient (e.g. the "

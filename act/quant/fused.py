@@ -1,22 +1,29 @@
-"""Compiled kernels for the PACT fake-quant of training (`train.compile: quantizers`).
+"""Fused kernels for the PACT fake-quant of training (`train.compile: quantizers`).
 
 Eager PyTorch runs the clip, the fake-quant, the gradient code and the masked backward of every activation quantizer
-as separate passes over the activation (docs/scale.md: about half of the step's device time). Here the forward is one
-element-wise function (output + one int8 code per element) and the backward another (masked gradient + alpha's sum),
-each compiled once by Inductor with dynamic shapes, so every quantizer of the model reuses the same two kernels.
-The values are those of the eager path (x * (1/s), round half-even, clamp to [-128, 127], * s; the same masks).
+as separate passes over the activation (docs/scale.md: about half of the step's device time). Fused, the forward is
+one element-wise pass (output + one int8 code per element) and the backward another (masked gradient + alpha's sum).
+Two implementations with the same values (x * (1/s), round half-even, clamp to [-128, 127], * s; the same masks):
+  triton    act.quant.pact_triton: hand-written, one pass each way, no compile at start (float32 CUDA
+            activations, where Triton is installed: the default there)
+  inductor  the functions below compiled by torch.compile with dynamic shapes, so every quantizer of the model
+            reuses the same two kernels (elsewhere; the backward's reduction is a second kernel)
+ACT_QUANT_KERNELS=inductor|triton forces one (benchmarks compare them).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Tuple
 
 import torch
 
+from act.quant import pact_triton
+
 QMIN, QMAX = -128, 127
 
 ENABLED = False
-_KERNELS: Optional[Tuple[Callable, Callable]] = None
+_COMPILED: Optional[Tuple[Callable, Callable]] = None
 
 
 def pact_fq_forward(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor):
@@ -39,12 +46,40 @@ def pact_fq_backward(g: torch.Tensor, code: torch.Tensor):
     return gx, ga
 
 
-def kernels() -> Tuple[Callable, Callable]:
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = (torch.compile(pact_fq_forward, dynamic=True, fullgraph=True),
-                    torch.compile(pact_fq_backward, dynamic=True, fullgraph=True))
-    return _KERNELS
+def compiled() -> Tuple[Callable, Callable]:
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = (torch.compile(pact_fq_forward, dynamic=True, fullgraph=True),
+                     torch.compile(pact_fq_backward, dynamic=True, fullgraph=True))
+    return _COMPILED
+
+
+def backend(t: torch.Tensor) -> str:
+    """Which implementation runs for a tensor on t's device."""
+    forced = os.environ.get("ACT_QUANT_KERNELS", "").strip().lower()
+    if forced in ("inductor", "triton"):
+        return forced
+    return "triton" if (t.is_cuda and t.dtype == torch.float32 and pact_triton.AVAILABLE) else "inductor"
+
+
+def forward(x: torch.Tensor, a: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend(x) == "triton":
+        return pact_triton.pact_forward(x, a, scale)
+    return compiled()[0](x, a, scale)
+
+
+def backward(g: torch.Tensor, code: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend(g) == "triton":
+        return pact_triton.pact_backward(g, code)
+    return compiled()[1](g, code)
+
+
+def wanted(compile_setting, device: torch.device) -> bool:
+    """train.compile -> whether the quantizers use these kernels: 'quantizers' always; 'auto' on CUDA where
+    Triton is installed (nothing to compile there)."""
+    if compile_setting == "quantizers":
+        return True
+    return compile_setting == "auto" and device.type == "cuda" and pact_triton.AVAILABLE
 
 
 def set_enabled(on: bool) -> None:

@@ -51,7 +51,7 @@ class _PactFakeQuant(torch.autograd.Function):
         a = a_abs.to(x.dtype)
         ctx.x_dtype = x.dtype
         if fused.ENABLED:  # train.compile: quantizers -- one compiled pass instead of the ops below
-            out, code = fused.kernels()[0](x, a, scale)
+            out, code = fused.forward(x, a, scale)
             ctx.save_for_backward(code, alpha)
             ctx.fused = True
             return out
@@ -70,7 +70,7 @@ class _PactFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         code, alpha = ctx.saved_tensors
         if ctx.fused:
-            grad_x, ga = fused.kernels()[1](g, code)
+            grad_x, ga = fused.backward(g, code)
             ga = (ga * torch.sign(alpha.detach())).to(alpha.dtype) if ctx.needs_input_grad[1] else None
             return grad_x.to(ctx.x_dtype), ga, None, None, None, None
         grad_x = g * (code == 0)
