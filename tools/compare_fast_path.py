@@ -67,21 +67,16 @@ def curve_gap(ref: List[float], other: List[float], w: int) -> float:
 
 
 def qdq_placement(onnx_path: str) -> Dict[str, float]:
-    """Quantized tensor name -> scale (first QuantizeLinear of each tensor)."""
-    import onnx
-    from onnx import numpy_helper
+    """Quantized tensor name -> scale (the largest, of its first QuantizeLinear), from the linter's graph view."""
+    import numpy as np
 
-    m = onnx.load(onnx_path)
-    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    consts = {}
-    for n in m.graph.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    out = {}
-    for n in m.graph.node:
+    from act.lint import _Graph, _load
+
+    g = _Graph(_load(onnx_path)[0])
+    out: Dict[str, float] = {}
+    for n in g.nodes:
         if n.op_type == "QuantizeLinear":
-            s = inits.get(n.input[1], consts.get(n.input[1]))
-            out.setdefault(n.input[0], float(s.reshape(-1).max()) if s is not None else float("nan"))
+            out.setdefault(n.input[0], float(np.max(g.const.get(n.input[1], np.nan))))
     return out
 
 

@@ -23,6 +23,7 @@ from act.quant import pact_triton
 QMIN, QMAX = -128, 127
 
 ENABLED = False
+FORCED = ""  # ACT_QUANT_KERNELS, read by set_enabled (not on every quantizer call)
 _COMPILED: Optional[Tuple[Callable, Callable]] = None
 
 
@@ -56,9 +57,8 @@ def compiled() -> Tuple[Callable, Callable]:
 
 def backend(t: torch.Tensor) -> str:
     """Which implementation runs for a tensor on t's device."""
-    forced = os.environ.get("ACT_QUANT_KERNELS", "").strip().lower()
-    if forced in ("inductor", "triton"):
-        return forced
+    if FORCED:
+        return FORCED
     return "triton" if (t.is_cuda and t.dtype == torch.float32 and pact_triton.AVAILABLE) else "inductor"
 
 
@@ -83,5 +83,7 @@ def wanted(compile_setting, device: torch.device) -> bool:
 
 
 def set_enabled(on: bool) -> None:
-    global ENABLED
+    global ENABLED, FORCED
     ENABLED = bool(on)
+    forced = os.environ.get("ACT_QUANT_KERNELS", "").strip().lower()
+    FORCED = forced if forced in ("inductor", "triton") else ""

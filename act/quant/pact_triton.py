@@ -7,8 +7,9 @@ times their side) in the same pass, from per-block partial sums (summed by one s
 depend on the order blocks finish in). Inductor's version of the same (act.quant.fused) needs a reduction kernel
 beside the element-wise one and ran that reduction far from the memory bandwidth (docs/scale.md).
 
-The kernels read and write flat memory: x, code and the gradient share one dense layout (contiguous or
-channels_last), which the output and the gradient of x then keep. Values equal the eager path's bit for bit; round
+The output, the code and the gradient of x are dense in x's dimension order (contiguous, channels_last, ...); x and
+the incoming gradient may be strided 4-D views (C2f's channel chunks, a gradient in another layout), read in place
+through their strides. Values equal the eager path's bit for bit; round
 half-even is done with floor (exact in float32), so the same code runs in Triton's CPU interpreter
 (TRITON_INTERPRET=1), which is how the tests check it without a GPU.
 """
@@ -28,7 +29,6 @@ except Exception:  # pragma: no cover - CPU-only builds of torch
 AVAILABLE = triton is not None
 BLOCK = 4096
 NUM_WARPS = 8
-QMIN, QMAX = -128.0, 127.0
 
 if AVAILABLE:
 
