@@ -216,6 +216,7 @@ class PruneStage(StageKind):
             run.student.to(memory_format=torch.channels_last)
         run.setup_train_model()  # new parameters: DDP / compile wrap them afresh
         run.setup_optimizer()
+        run.ema = None  # train.ema: torch-pruning replaced the parameters in place; the next step averages anew
         if it > 0:  # the schedule continues where it was
             run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, run.lr_factor, last_epoch=it - 1)
         run.best_metric = run.best_iteration = None  # best.pt: only students of the final width compete

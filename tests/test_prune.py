@@ -471,3 +471,21 @@ def test_a_step_never_overshoots_past_staying_put(teacher_path):
         assert info["macs"] / full == pytest.approx(ratios[-1])
         assert abs(ratios[-1] / target - 1) <= abs(ratios[-2] / target - 1) + 1e-9, ratios  # never further off
     assert abs(ratios[-1] - 0.8) <= 0.05 * 0.8, ratios
+
+
+def test_weight_ema_follows_the_student_through_pruning_steps(tmp_path):
+    """train.ema in a prune stage: pruning replaces the student's parameters in place (same module), so the average
+    starts anew after each step; the evaluated / kept / exported average has the final width, not the first step's."""
+    cfg = _prune_quant_cfg(tmp_path)
+    cfg["train"].update(ema=0.9, ema_tau=1.0)
+    ac = AutoCompression(cfg)
+    summary = ac.run()
+    prune_run = ac.stage_runs[0]
+    student, average = prune_run.student, prune_run.eval_model
+    assert average is not student
+    assert [p.shape for p in average.parameters()] == [p.shape for p in student.parameters()]
+    teacher = prune_run.teacher
+    best = load_checkpoint(tmp_path / "stages/1_prune/best.pt")["model"].float()
+    assert abs(model_cost(best, 160)[0] / model_cost(teacher, 160)[0] - 0.6) < 0.03
+    assert summary["stages"][0]["cost"]["macs_ratio"] == pytest.approx(
+        summary["stages"][0]["stage"]["prune_steps"][-1]["macs_ratio"], abs=1e-3)

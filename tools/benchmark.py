@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--fidelity-images", type=int, default=None, help="held-out unlabeled images (default 64; quick 8)")
     p.add_argument("--resume", action="store_true", help="keep the rows of OUT/benchmark.json that have no error and "
                                                          "run only the others (e.g. the ONNX row of a cut-off run)")
+    p.add_argument("--qat-only", action="store_true", help="only the QAT rows (no teacher / PTQ rows): compare a "
+                                                            "--set variant with a table that has them")
     p.add_argument("--skip-onnx", action="store_true", help="leave the QAT ONNX row for a later --resume (on a "
                                                             "machine with more CPU time, say)")
     return p.parse_args(argv)
@@ -352,9 +354,10 @@ def _free() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     b = Bench(args)
-    b.add("FP32 teacher", b.teacher_row)
-    for c in args.calibrators:
-        b.add(f"act PTQ ({c})", lambda c=c: b.ptq_row(c))
+    if not args.qat_only:
+        b.add("FP32 teacher", b.teacher_row)
+        for c in args.calibrators:
+            b.add(f"act PTQ ({c})", lambda c=c: b.ptq_row(c))
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     todo = [s for s in seeds if not all(b.qat_method(s, w) in b.done for w in ("torch, best.pt", "torch, last.pt"))]
     runs = b.run_qat(todo) if todo else {}
