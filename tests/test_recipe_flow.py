@@ -23,7 +23,7 @@ def test_shipped_recipes_calibrate_by_search():
 def test_shipped_qat_recipes_export_a_weight_average():
     """The measured best flow (README benchmark): distillation at lr 3e-5 with a weight EMA of the student, which is
     what gets evaluated, kept and exported."""
-    for name in ("yolo11n_pose_qat_mini", "yolov8_pose_qat"):
+    for name in ("yolo11n_pose_qat_mini", "yolov8_pose_qat", "demo_pose_qat"):
         train = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["train"]
         assert float(train["ema"]) == 0.999 and float(train["lr"]) == 3e-5, name
 
