@@ -202,7 +202,7 @@ class Trainer(Run):
         for h in self.hooks:
             h.after_step(self)
         if self.cfg.train.ema:
-            if self.ema is None or self.ema.model is not self.student:  # (made anew after each pruning step)
+            if self.ema is None or self.ema.model is not self.student:  # (pruning steps drop it; a new stage's student)
                 self.ema = WeightEMA(self.student, self.cfg.train.ema, self.cfg.train.ema_tau)
             self.ema.update()
         return stats
