@@ -157,6 +157,8 @@ class DistillLoss(nn.Module):
         else:
             context = None
             if spec.type in NEEDS_BOX:
+                if self.oks_sigmas.device != s.device:  # once: a copy from the host each step would break
+                    self.oks_sigmas = self.oks_sigmas.to(s.device)  # the CUDA graph capture of the step
                 context = {"teacher_box": teacher_out[self.box_node[node.level]], "sigmas": self.oks_sigmas,
                            "ndim": self.kpt_ndim}
             loss = LOSSES[spec.type](s, t, spec, per_position=per_position, reg_max=self.reg_max, context=context)

@@ -20,6 +20,7 @@ the caller accumulated into the student's `.grad` (see `accumulate_grads`).
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -53,6 +54,15 @@ def fold_batchnorm(model: nn.Module, family=None) -> nn.Module:
         family.fold_batchnorm(model)
         model.train(was)
     return model
+
+
+def drop_traces() -> None:
+    """Free the autograd graphs that torch-pruning's dependency tracing leaves in reference cycles (about 180 tensors
+    with a grad_fn after one pruning step of yolo11n-pose, until the cyclic collector happens to run). Alive, they keep
+    AccumulateGrad nodes of the student's parameters that were made on the default stream, and a CUDA-graph capture
+    of the next training step on its side stream then fails ("operation failed due to a previous error during
+    capture", after torch's AccumulateGrad stream warning): the step ran eagerly in half the GPU prune runs."""
+    gc.collect()
 
 
 def model_cost(model: nn.Module, imgsz: int = TRACE_IMGSZ, family=None) -> Tuple[float, int]:
@@ -239,6 +249,7 @@ class StructuredPruner:
             info["removed"] = {name: sorted(set(range(widths[name])) - set(kept[name])) for name in kept}
         model.train(was)
         model.zero_grad(set_to_none=True)
+        drop_traces()
         return info
 
     def plan(self, model: nn.Module, target: float, have_grads: bool = False,
@@ -274,6 +285,8 @@ class StructuredPruner:
             except Exception as e:
                 raise ActError(f"could not apply the pruning plan to the student (not the architecture it was "
                                f"planned on?): {type(e).__name__}: {e}") from e
+        graph = None  # noqa: F841 - its traces go with it
+        drop_traces()
         return model
 
     def _search(self, model: nn.Module, target: float, start: float, which: int, have_grads: bool,

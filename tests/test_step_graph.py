@@ -1,8 +1,11 @@
 """train.cuda_graph: the captured step computes what the eager step computes (on a GPU), is re-captured when the
 optimizer is replaced, and falls back to the eager step with a message where it cannot run."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from act.config import ConfigError, load_config
 from act.step_graph import unavailable_reason, update_on_device
@@ -92,10 +95,10 @@ def test_update_the_graph_records_matches_the_eager_update(tmp_path, grad_clip):
     assert all(torch.equal(p, before[n]) for n, p in device.student.named_parameters())
 
 
-def _trainer(tmp_path, name, graph):
+def _trainer(tmp_path, name, graph, **sections):
     cfg = tiny_config(tmp_path / name, train={"device": "cuda", "iterations": 100, "cuda_graph": graph,
                                               "cuda_graph_warmup": 2, "lr": 1e-4},
-                      export={"onnx": False}, eval={"before": False, "fidelity": {"enabled": False}})
+                      export={"onnx": False}, eval={"before": False, "fidelity": {"enabled": False}}, **sections)
     torch.manual_seed(0)
     t = Trainer(cfg)
     t.setup()
@@ -140,6 +143,18 @@ def test_captured_step_matches_eager(tmp_path):
     last = graphed.cfg.train.lr * graphed.lr_factor(steps - 1)
     assert float(graphed.step_graph._lrs[0]) == pytest.approx(last, rel=1e-6)
     assert graphed.optimizer.param_groups[0]["lr"] == pytest.approx(graphed.cfg.train.lr * graphed.lr_factor(steps))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_the_prune_recipe_losses_are_captured(tmp_path):
+    """The prune recipe's distillation (OKS keypoints weighted by the teacher's score, block features) copies nothing
+    from the host inside the step, so the step is captured (it once ran eagerly: the OKS sigmas came from the CPU)."""
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs/yolo11n_pose_prune_qat.yaml").read_text())
+    t, batches = _trainer(tmp_path, "oks", True, distill=recipe["distill"])
+    for i in range(4):
+        t.train_step(batches[i % 3])
+    info = t.step_graph.info()
+    assert info["failed"] is None and info["captures"] == 1, info
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
