@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Pruning benchmark: FP32 teacher vs act prune to 0.6x MACs (FP32) vs prune + INT8 (QAT-distill), for yolo11n-pose
-on coco-pose-mini (train split = the unlabeled pool, val split = the 500 labeled images). One staged `act compress`
-run (configs/yolo11n_pose_prune_qat.yaml: prune stage, then quant stage) makes both compressed rows.
+"""Pruning benchmark: the FP32 teacher and configs/yolo11n_pose_prune_qat.yaml at one or more MACs targets (the
+frontier), for yolo11n-pose on coco-pose-mini (train split = the unlabeled pool, val split = the 500 labeled images).
+Each target is one `act compress` of the recipe with `stages.0.target=T` (prune stage, then quant stage), run as a user
+runs it, in its own process, `--parallel` at a time; each makes a pruned FP32 row and a pruned + INT8 row.
 
-    python tools/bench_prune.py --data .bench_data/coco-pose-mini --out results/prune    # one GPU, 640 px, ~5 min
-    python tools/bench_prune.py --out /tmp/bench_prune --quick                            # CPU smoke run
+    python tools/bench_prune.py --data ../shared/data/coco-pose-mini --out results/prune --target 0.8   # one GPU
+    python tools/bench_prune.py --data ... --out results/frontier --targets 0.9 0.8 0.7 0.6 --parallel 2 --onnx-rows
+    python tools/bench_prune.py --out /tmp/bench_prune --quick                                        # CPU smoke run
 
+Iterations, steps and learning rates are the recipe's unless a flag or --set changes them (the table says which).
 Columns: pose / box mAP (Ultralytics validators on val, square letterbox, the same code as `act eval` and
 tools/benchmark.py), label-free fidelity vs the teacher on the held-out train slice, MACs and parameters at imgsz
-(torch-pruning's counter), onnxruntime CPU latency of each row's ONNX (batch 1, median of --latency-runs; the INT8
-row's ONNX is the Q/DQ model, which onnxruntime runs with its integer kernels). The compressed rows evaluate best.pt in
-torch (the fake-quantized student for INT8); --onnx-rows adds their ONNX files evaluated in onnxruntime.
-Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
+(torch-pruning's counter), onnxruntime CPU latency of each row's ONNX (batch 1, median of --latency-runs, measured
+here one model at a time after the runs; the INT8 row's ONNX is the Q/DQ model). The compressed rows evaluate best.pt
+in torch (the fake-quantized student for INT8); --onnx-rows adds the INT8 ONNX evaluated in onnxruntime.
+A run cut off (a device call's time limit) keeps the rows of the stages it finished; --resume continues it with
+act's own --resume. Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Dict, List
 
@@ -59,16 +64,20 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: auto (CUDA if available); --quick: cpu")
     p.add_argument("--imgsz", type=int, default=None, help="default 640 (--quick 160)")
     p.add_argument("--target", type=float, default=0.6, help="share of the teacher's MACs to keep (default 0.6)")
+    p.add_argument("--targets", type=float, nargs="+", default=None,
+                   help="several targets, one staged run each (the frontier table); overrides --target")
+    p.add_argument("--parallel", type=int, default=1, help="staged runs at once on the device (default 1)")
     p.add_argument("--scope", choices=["uniform", "global"], default=None, help="default: the recipe's")
     p.add_argument("--importance", choices=["l1", "l2", "group_norm", "lamp", "taylor"], default=None,
                    help="default: the recipe's")
     p.add_argument("--prune-iters", type=int, default=None, help="prune stage iterations, pruning steps included "
                                                                  "(default: the recipe's; --quick 4)")
-    p.add_argument("--prune-steps", type=int, default=None, help="pruning steps (default 2; --quick 2)")
+    p.add_argument("--prune-steps", type=int, default=None, help="pruning steps (default: the recipe's; --quick 2)")
     p.add_argument("--step-iters", type=int, default=None, help="distillation iterations between pruning steps "
-                                                                "(default 200; --quick 2)")
+                                                                "(default: the recipe's; --quick 2)")
     p.add_argument("--prune-lr", type=float, default=None, help="prune stage learning rate (default: the recipe's)")
-    p.add_argument("--quant-iters", type=int, default=None, help="quant stage iterations (default 300; --quick 2)")
+    p.add_argument("--quant-iters", type=int, default=None, help="quant stage iterations (default: the recipe's; "
+                                                                 "--quick 2)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default: the recipe's; --quick 2)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the recipe's; quick 0)")
     p.add_argument("--eval-batch", type=int, default=None, help="default 32 (--quick 8)")
@@ -79,8 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--onnx-rows", action="store_true", help="also evaluate the exported ONNX files (onnxruntime)")
     p.add_argument("--onnx-max-images", type=int, default=None, help="val images for the ONNX rows")
     p.add_argument("--onnx-device", default="cpu", help="device for onnxruntime rows (default cpu)")
-    p.add_argument("--resume", action="store_true", help="continue the staged run in OUT/runs/prune_qat (act's own "
-                                                         "--resume: finished stages are kept), then evaluate")
+    p.add_argument("--resume", action="store_true", help="continue each staged run in OUT/runs/prune_qat_T (act's "
+                                                         "own --resume: finished stages are kept), then evaluate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the staged run, e.g. distill.losses.kpt.weighting=teacher_score "
                         "(repeatable)")
@@ -102,6 +111,7 @@ class PruneBench:
         self.out = self.b.out
         self.rows: List[Dict] = []
         self.latency_runs = args.latency_runs or (3 if q else 50)
+        self.runs: Dict[float, Dict] = {}
         self.t0 = time.time()
 
     # ---- rows ----------------------------------------------------------------------------------------------------
@@ -123,61 +133,96 @@ class PruneBench:
     def _cost(self, macs, params):
         return {"gmacs": round(macs / 1e9, 3), "mparams": round(params / 1e6, 3), "macs": macs, "params": params}
 
-    def staged_run(self) -> Dict:
-        from act.compress import AutoCompression
+    @staticmethod
+    def run_name(target: float) -> str:
+        return f"prune_qat_{target:g}"
 
+    def stage_indices(self):
+        stages = _read_yaml(self.args.config)["stages"]
+        types = [st["type"] for st in stages]
+        if "prune" not in types or "quant" not in types:
+            raise SystemExit(f"bench_prune: {self.args.config} needs a prune stage and a quant stage")
+        return types.index("prune"), types.index("quant")
+
+    def run_overrides(self, target: float) -> List[str]:
+        """The config overrides of one target's run: data, device and output from the benchmark settings, then
+        `recipe_overrides`."""
+        return self.b.common(self.run_name(target)) + self.recipe_overrides(target)
+
+    def recipe_overrides(self, target: float) -> List[str]:
+        """What changes the recipe itself: the target; the iteration flags only where given (else the recipe's own
+        values); --quick's tiny settings; the device's share of data workers; then --set."""
         a, q = self.args, self.args.quick
-        o = self.b.common("prune_qat") + ["eval.metric=fidelity_pose_map50_95",
-                                          f"export.latency_runs={self.latency_runs}"]
-        steps = a.prune_steps or 2
-        step_iters = a.step_iters or (2 if q else 200)
-        q_iters = a.quant_iters or (2 if q else 300)
-        raw = _read_yaml(a.config)
-        stages = raw["stages"]
-        prune = next(s for s in stages if s["type"] == "prune")
-        quant = next(s for s in stages if s["type"] == "quant")
-        p_iters = a.prune_iters or (4 if q else prune.get("train", {}).get("iterations", 2000))
-        prune.update(target=a.target, steps=steps, step_iterations=step_iters)
-        if a.scope:
-            prune["scope"] = a.scope
-        if a.importance:
-            prune["importance"] = a.importance
-        prune.setdefault("train", {})["iterations"] = p_iters
-        if a.prune_lr:
-            prune["train"]["lr"] = a.prune_lr
-        quant.setdefault("train", {})["iterations"] = q_iters
-        # evaluate (label-free, for best.pt) once at the end of each stage: the benchmark evaluates the rows itself
-        for s in (prune, quant):
-            s["train"]["log_every"] = max(1, min(20, s["train"]["iterations"]))
-        o.append(f"eval.every={max(p_iters, q_iters)}")
+        pi, qi = self.stage_indices()
+        o = [f"stages.{pi}.target={target}"]
+        given = {f"stages.{pi}.steps": a.prune_steps or (2 if q else None),
+                 f"stages.{pi}.step_iterations": a.step_iters or (2 if q else None),
+                 f"stages.{pi}.train.iterations": a.prune_iters or (4 if q else None),
+                 f"stages.{pi}.train.lr": a.prune_lr, f"stages.{pi}.scope": a.scope,
+                 f"stages.{pi}.importance": a.importance,
+                 f"stages.{qi}.train.iterations": a.quant_iters or (2 if q else None),
+                 "data.batch_size": a.batch or (2 if q else None)}
+        o += [f"{k}={v}" for k, v in given.items() if v is not None]
         if q:
-            o += ["data.batch_size=2", "export.parity_images=2", "train.log_every=1", "quant.calib_batches=2"]
-        if a.batch:
-            o.append(f"data.batch_size={a.batch}")
-        o += a.set
-        t = time.time()
-        resume = a.resume and (self.out / "runs" / "prune_qat" / "stages.json").is_file()
-        s = AutoCompression(raw, overrides=o).run(resume=resume, exist_ok=True)
-        self.run_s = round(time.time() - t, 1)
-        self.summary = s
-        return s
+            o += ["eval.every=4", "export.parity_images=2", "export.latency_runs=1", "train.log_every=1", "quant.calib_batches=2",
+                  "ptq.num_images=8", "ptq.batch_size=4", "ptq.bins=512"]
+        if a.parallel > 1 and a.workers is None and not q:
+            o.append(f"data.workers={max(2, (os.cpu_count() or 4) // (2 * a.parallel))}")
+        return o + list(a.set)
 
-    def stage_row(self, index: int):
-        s = self.summary["stages"][index]
-        d = self.out / "runs" / "prune_qat" / "stages" / f"{index + 1}_{s['stage']['name']}"
-        r = self.b.evaluate(str(d / "best.pt"))
+    def run_all(self, targets: List[float]) -> Dict[float, Dict]:
+        """`act compress` of the recipe for each target, `--parallel` at a time, each in its own process. Returns
+        target -> {"rc", "wall_s", "log"}; the rows come from the stage folders the run finished."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   ACT_NO_PROGRESS="1", YOLO_OFFLINE="1")
+        todo, running, done = list(targets), {}, {}
+        while todo or running:
+            while todo and len(running) < max(1, self.args.parallel):
+                t = todo.pop(0)
+                out = self.out / "runs" / self.run_name(t)
+                resume = self.args.resume and (out / "stages.json").is_file()
+                cmd = [sys.executable, "-m", "act", "compress", "--config", self.args.config, "--exist-ok",
+                       *(["--resume"] if resume else []), *self.run_overrides(t)]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                log = open(out.parent / f"{self.run_name(t)}.log", "w")
+                print(f"bench_prune: {self.run_name(t)}: act {' '.join(cmd[3:])}", flush=True)
+                running[t] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log,
+                              time.time())
+            time.sleep(2)
+            for t, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[t]
+                done[t] = {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1), "log": log.name}
+                print(f"bench_prune: {self.run_name(t)} done (exit {proc.returncode}, {done[t]['wall_s']} s)",
+                      flush=True)
+        return done
+
+    def stage_dir(self, target: float, index: int) -> Path:
+        stages = _read_yaml(self.args.config)["stages"]
+        st = stages[index]
+        return self.out / "runs" / self.run_name(target) / "stages" / f"{index + 1}_{st.get('name', st['type'])}"
+
+    def stage_row(self, target: float, index: int, onnx: bool = False):
+        """One stage's student: its best.pt in torch (or, onnx, its exported ONNX in onnxruntime), its cost from the
+        stage's summary, the onnxruntime CPU latency of its ONNX measured now (one model at a time)."""
+        from act.latency import ort_latency
+
+        d = self.stage_dir(target, index)
+        if not (d / "summary.json").is_file():
+            run = self.runs.get(target, {})
+            raise RuntimeError(f"the stage did not finish (act compress exit {run.get('rc')}; log {run.get('log')})")
+        s = json.loads((d / "summary.json").read_text())
+        model = Path(s["onnx"]["path"]) if onnx else d / "best.pt"
+        r = (self.b.evaluate(str(model), max_images=self.args.onnx_max_images, device=self.args.onnx_device) if onnx
+             else self.b.evaluate(str(model)))
         c = s["cost"]
-        lat = s.get("latency", {}).get("onnxruntime_cpu", {})
-        return {**r, "model": str(d / "best.pt"), **self._cost(c["macs"], c["params"]), "macs_ratio": c["macs_ratio"],
-                "ort_cpu_ms": lat.get("median_ms"), "latency": lat, "iterations": s["iterations"],
-                "compress_s": s["time_s"].get("compress"), "prune_steps": s["stage"].get("prune_steps")}
-
-    def onnx_row(self, index: int):
-        s = self.summary["stages"][index]
-        onnx = Path(s["onnx"]["path"])
-        r = self.b.evaluate(str(onnx), max_images=self.args.onnx_max_images, device=self.args.onnx_device)
-        return {**r, "model": str(onnx), "macs_ratio": s["cost"]["macs_ratio"],
-                "ort_cpu_ms": s.get("latency", {}).get("onnxruntime_cpu", {}).get("median_ms")}
+        lat = ort_latency(Path(s["onnx"]["path"]), runs=self.latency_runs)
+        return {**r, "model": str(model), **self._cost(c["macs"], c["params"]), "macs_ratio": c["macs_ratio"],
+                "ort_cpu_ms": lat["median_ms"], "latency": lat, "iterations": s["iterations"],
+                "best_iteration": s.get("best_iteration"), "compress_s": s["time_s"].get("compress"),
+                "prune_steps": s["stage"].get("prune_steps"), "parity": s["onnx"].get("parity")}
 
     # ---- output --------------------------------------------------------------------------------------------------
     def add(self, method, fn) -> Dict:
@@ -186,6 +231,15 @@ class PruneBench:
         self.write()
         self.bm._free()
         return row
+
+    def changes(self) -> List[str]:
+        """The flags and --set options that changed the recipe (besides the target)."""
+        a = self.args
+        flags = {"--quick": a.quick or None, "--prune-steps": a.prune_steps, "--step-iters": a.step_iters,
+                 "--prune-iters": a.prune_iters, "--prune-lr": a.prune_lr, "--scope": a.scope,
+                 "--importance": a.importance, "--quant-iters": a.quant_iters, "--batch": a.batch}
+        return ([k if v is True else f"{k} {v}" for k, v in flags.items() if v is not None]
+                + [f"--set {x}" for x in a.set])
 
     def write(self) -> None:
         from act.artifacts import markdown_table
@@ -200,15 +254,18 @@ class PruneBench:
               f"({'quick CPU smoke run' if self.args.quick else 'full'})", "",
               f"Device: {self.b.env['device']}; imgsz {self.b.imgsz}; val images: {self.b.max_images or 'all'}; "
               f"total {total} s.", f"Recipe: {Path(self.args.config).name}"
-              + (f" with {' '.join(f'--set {x}' for x in self.args.set)}." if self.args.set else " as committed."),
+              + (f" with {' '.join(self.changes())}." if self.changes() else " as committed."),
               "", markdown_table(self.rows, COLUMNS), ""]
         if teacher:
             for r in self.rows:
                 if r is not teacher and "pose_map50_95" in r:
                     md.append(f"- {r['method']}: pose mAP50-95 {100 * (r['pose_map50_95'] - teacher['pose_map50_95']):+.2f}"
                               f" points vs the teacher")
-        if getattr(self, "run_s", None):
-            md.append(f"- staged run (both stages, with their pruning steps, evaluations and exports): {self.run_s} s")
+        for t, run in sorted(getattr(self, "runs", {}).items(), reverse=True):
+            md.append(f"- {self.run_name(t)}: `act compress --config {Path(self.args.config).name} "
+                      f"{' '.join(self.recipe_overrides(t))}` (plus data, device and "
+                      f"output overrides), exit {run['rc']}, {run['wall_s']} s wall"
+                      + (f" sharing the device {self.args.parallel} ways" if self.args.parallel > 1 else ""))
         md += ["- MACs / params: torch-pruning's counter at imgsz, batch 1. ORT CPU ms: onnxruntime CPUExecutionProvider, "
                f"median of {self.latency_runs} runs after warm-up, batch 1, all graph optimizations.",
                "- compression wall s: the stage's training steps (pruning steps and evaluation excluded)."]
@@ -227,21 +284,17 @@ def _read_yaml(path):
 def main(argv=None) -> int:
     args = parse_args(argv)
     b = PruneBench(args)
-    pct = f"{args.target:g}x MACs"
+    targets = args.targets or [args.target]
+    pi, qi = b.stage_indices()
     b.add("FP32 teacher", b.teacher_row)
-    print("\nbench_prune: staged run (prune -> quant) ...", flush=True)
-    try:
-        b.staged_run()
-    except Exception as e:
-        traceback.print_exc()
-        b.rows.append({"method": f"act staged run (prune {pct} -> INT8)", "error": f"{type(e).__name__}: {e}"})
-        b.write()
-    else:
-        b.add(f"prune {pct} (FP32)", lambda: b.stage_row(0))
-        b.add(f"prune {pct} + INT8", lambda: b.stage_row(1))
+    print(f"\nbench_prune: staged runs (prune -> quant) at {targets} x MACs ...", flush=True)
+    b.runs = b.run_all(targets)
+    for t in targets:
+        pct = f"{t:g}x MACs"
+        b.add(f"prune {pct} (FP32)", lambda t=t: b.stage_row(t, pi))
+        b.add(f"prune {pct} + INT8", lambda t=t: b.stage_row(t, qi))
         if args.onnx_rows:
-            b.add(f"prune {pct} (FP32) ONNX (onnxruntime)", lambda: b.onnx_row(0))
-            b.add(f"prune {pct} + INT8 ONNX (onnxruntime)", lambda: b.onnx_row(1))
+            b.add(f"prune {pct} + INT8 ONNX (onnxruntime)", lambda t=t: b.stage_row(t, qi, onnx=True))
     print("\n" + (b.out / "bench_prune.md").read_text())
     print(f"bench_prune: wrote {b.out / 'bench_prune.md'} and {b.out / 'bench_prune.json'}")
     return 1 if any("error" in r for r in b.rows) else 0
