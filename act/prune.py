@@ -58,10 +58,10 @@ def fold_batchnorm(model: nn.Module, family=None) -> nn.Module:
 
 def drop_traces() -> None:
     """Free the autograd graphs that torch-pruning's dependency tracing leaves in reference cycles (about 180 tensors
-    with a grad_fn after one pruning step of yolo11n-pose, until the cyclic collector happens to run). Alive, they keep
-    AccumulateGrad nodes of the student's parameters that were made on the default stream, and a CUDA-graph capture
-    of the next training step on its side stream then fails ("operation failed due to a previous error during
-    capture", after torch's AccumulateGrad stream warning): the step ran eagerly in half the GPU prune runs."""
+    with a grad_fn after one pruning step of yolo11n-pose), which otherwise live until the cyclic collector happens to
+    run. Alive, they keep AccumulateGrad nodes of the student's parameters made on the default stream, which is what
+    torch's AccumulateGrad stream warning names before the next step's CUDA-graph capture (on its side stream)
+    failed with "operation failed due to a previous error during capture" in two of four GPU prune runs."""
     gc.collect()
 
 
