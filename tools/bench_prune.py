@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,31 +172,13 @@ class PruneBench:
     def run_all(self, targets: List[float]) -> Dict[float, Dict]:
         """`act compress` of the recipe for each target, `--parallel` at a time, each in its own process. Returns
         target -> {"rc", "wall_s", "log"}; the rows come from the stage folders the run finished."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   ACT_NO_PROGRESS="1", YOLO_OFFLINE="1")
-        todo, running, done = list(targets), {}, {}
-        while todo or running:
-            while todo and len(running) < max(1, self.args.parallel):
-                t = todo.pop(0)
-                out = self.out / "runs" / self.run_name(t)
-                resume = self.args.resume and (out / "stages.json").is_file()
-                cmd = [sys.executable, "-m", "act", "compress", "--config", self.args.config, "--exist-ok",
-                       *(["--resume"] if resume else []), *self.run_overrides(t)]
-                out.parent.mkdir(parents=True, exist_ok=True)
-                log = open(out.parent / f"{self.run_name(t)}.log", "w")
-                print(f"bench_prune: {self.run_name(t)}: act {' '.join(cmd[3:])}", flush=True)
-                running[t] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log,
-                              time.time())
-            time.sleep(2)
-            for t, (proc, log, t0) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.close()
-                del running[t]
-                done[t] = {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1), "log": log.name}
-                print(f"bench_prune: {self.run_name(t)} done (exit {proc.returncode}, {done[t]['wall_s']} s)",
-                      flush=True)
-        return done
+        jobs = {}
+        for t in targets:
+            resume = self.args.resume and (self.out / "runs" / self.run_name(t) / "stages.json").is_file()
+            cmd = [sys.executable, "-m", "act", "compress", "--config", self.args.config, "--exist-ok",
+                   *(["--resume"] if resume else []), *self.run_overrides(t)]
+            jobs[t] = (cmd, self.out / "runs" / f"{self.run_name(t)}.log", self.run_name(t))
+        return self.bm.run_processes(jobs, self.args.parallel, "bench_prune")
 
     def stage_dir(self, target: float, index: int) -> Path:
         stages = _read_yaml(self.args.config)["stages"]

@@ -205,36 +205,18 @@ class Bench:
     def run_qat(self, seeds: List[int]) -> Dict[int, Dict[str, Any]]:
         """`act compress` of the recipe for each seed, `--parallel` at a time, each in its own process (as a user
         runs it). Returns seed -> its summary.json (or an error)."""
-        import subprocess
-
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   ACT_NO_PROGRESS="1", YOLO_OFFLINE="1")
-        todo, running, done = list(seeds), {}, {}
-        while todo or running:
-            while todo and len(running) < max(1, self.args.parallel):
-                seed = todo.pop(0)
-                out = self.out / "runs" / self.qat_name(seed)
-                out.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "act", "compress", "--config", self.args.config, "--exist-ok",
-                       *self.qat_overrides(seed)]
-                log = open(out.parent / f"{self.qat_name(seed)}.log", "w")
-                print(f"benchmark: QAT seed {seed}: {' '.join(cmd[3:])}", flush=True)
-                running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
-                                 time.time())
-            time.sleep(2)
-            for seed, (proc, log, t) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.close()
-                del running[seed]
-                summary = self.out / "runs" / self.qat_name(seed) / "summary.json"
-                if proc.returncode == 0 and summary.is_file():
-                    done[seed] = {**json.loads(summary.read_text()), "wall_s": round(time.time() - t, 1)}
-                else:
-                    tail = Path(log.name).read_text()[-800:]
-                    done[seed] = {"error": f"act compress exit {proc.returncode}: {tail}"}
-                print(f"benchmark: QAT seed {seed} done ({'ok' if 'error' not in done[seed] else 'failed'})",
-                      flush=True)
+        jobs = {}
+        for seed in seeds:
+            cmd = [sys.executable, "-m", "act", "compress", "--config", self.args.config, "--exist-ok",
+                   *self.qat_overrides(seed)]
+            jobs[seed] = (cmd, self.out / "runs" / f"{self.qat_name(seed)}.log", f"QAT seed {seed}")
+        done = {}
+        for seed, run in run_processes(jobs, self.args.parallel).items():
+            summary = self.out / "runs" / self.qat_name(seed) / "summary.json"
+            if run["rc"] == 0 and summary.is_file():
+                done[seed] = {**json.loads(summary.read_text()), "wall_s": run["wall_s"]}
+            else:
+                done[seed] = {"error": f"act compress exit {run['rc']}: {Path(run['log']).read_text()[-800:]}"}
         return done
 
     def qat_rows(self, seed: int, s: Dict[str, Any]) -> None:
@@ -320,6 +302,34 @@ class Bench:
         if errors:
             md += ["", "Errors:", *errors]
         (self.out / "benchmark.md").write_text("\n".join(md) + "\n")
+
+
+def run_processes(jobs: Dict[Any, tuple], parallel: int, tool: str = "benchmark") -> Dict[Any, Dict[str, Any]]:
+    """Run each job's command in its own process (as a user runs act), `parallel` at a time. jobs: key -> (command,
+    log file, label). Returns key -> {"rc", "wall_s", "log"}."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               ACT_NO_PROGRESS="1", YOLO_OFFLINE="1")
+    todo, running, done = list(jobs), {}, {}
+    while todo or running:
+        while todo and len(running) < max(1, parallel):
+            key = todo.pop(0)
+            cmd, log_path, label = jobs[key]
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w")
+            print(f"{tool}: {label}: {' '.join(str(c) for c in cmd[2:])}", flush=True)
+            running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                            time.time(), label)
+        time.sleep(2)
+        for key, (proc, log, t0, label) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            done[key] = {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1), "log": log.name}
+            print(f"{tool}: {label} done (exit {proc.returncode}, {done[key]['wall_s']} s)", flush=True)
+    return done
 
 
 def run_row(method: str, fn, tool: str = "benchmark") -> Dict[str, Any]:
