@@ -14,8 +14,8 @@ tools/benchmark.py), label-free fidelity vs the teacher on the held-out train sl
 (torch-pruning's counter), onnxruntime CPU latency of each row's ONNX (batch 1, median of --latency-runs, measured
 here one model at a time after the runs; the INT8 row's ONNX is the Q/DQ model). The compressed rows evaluate best.pt
 in torch (the fake-quantized student for INT8); --onnx-rows adds the INT8 ONNX evaluated in onnxruntime.
-A run cut off (a device call's time limit) keeps the rows of the stages it finished; --resume continues it with
-act's own --resume. Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
+A run that ends unfinished still gives the rows of the stages it finished; when this script itself is stopped (a
+device call's time limit), --resume continues each run with act's own --resume, then evaluates. Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
 """
 
 from __future__ import annotations
