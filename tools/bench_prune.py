@@ -15,7 +15,8 @@ tools/benchmark.py), label-free fidelity vs the teacher on the held-out train sl
 here one model at a time after the runs; the INT8 row's ONNX is the Q/DQ model). The compressed rows evaluate best.pt
 in torch (the fake-quantized student for INT8); --onnx-rows adds the INT8 ONNX evaluated in onnxruntime.
 A run that ends unfinished still gives the rows of the stages it finished; when this script itself is stopped (a
-device call's time limit), --resume continues each run with act's own --resume, then evaluates. Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
+device call's time limit), --resume continues each run with act's own --resume, then evaluates.
+Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class PruneBench:
         self.rows: List[Dict] = []
         self.latency_runs = args.latency_runs or (3 if q else 50)
         self.runs: Dict[float, Dict] = {}
+        self.stages: List[Dict] = _read_yaml(args.config)["stages"]  # the recipe's, read once
         self.t0 = time.time()
 
     # ---- rows ----------------------------------------------------------------------------------------------------
@@ -137,8 +139,7 @@ class PruneBench:
         return f"prune_qat_{target:g}"
 
     def stage_indices(self):
-        stages = _read_yaml(self.args.config)["stages"]
-        types = [st["type"] for st in stages]
+        types = [st["type"] for st in self.stages]
         if "prune" not in types or "quant" not in types:
             raise SystemExit(f"bench_prune: {self.args.config} needs a prune stage and a quant stage")
         return types.index("prune"), types.index("quant")
@@ -163,8 +164,8 @@ class PruneBench:
                  "data.batch_size": a.batch or (2 if q else None)}
         o += [f"{k}={v}" for k, v in given.items() if v is not None]
         if q:
-            o += ["eval.every=4", "export.parity_images=2", "export.latency_runs=1", "train.log_every=1", "quant.calib_batches=2",
-                  "ptq.num_images=8", "ptq.batch_size=4", "ptq.bins=512"]
+            o += ["eval.every=4", "export.parity_images=2", "export.latency_runs=1", "train.log_every=1",
+                  "quant.calib_batches=2", "ptq.num_images=8", "ptq.batch_size=4", "ptq.bins=512"]
         if a.parallel > 1 and a.workers is None and not q:
             o.append(f"data.workers={max(2, (os.cpu_count() or 4) // (2 * a.parallel))}")
         return o + list(a.set)
@@ -181,8 +182,7 @@ class PruneBench:
         return self.bm.run_processes(jobs, self.args.parallel, "bench_prune")
 
     def stage_dir(self, target: float, index: int) -> Path:
-        stages = _read_yaml(self.args.config)["stages"]
-        st = stages[index]
+        st = self.stages[index]
         return self.out / "runs" / self.run_name(target) / "stages" / f"{index + 1}_{st.get('name', st['type'])}"
 
     def stage_row(self, target: float, index: int, onnx: bool = False):
@@ -242,7 +242,7 @@ class PruneBench:
                 if r is not teacher and "pose_map50_95" in r:
                     md.append(f"- {r['method']}: pose mAP50-95 {100 * (r['pose_map50_95'] - teacher['pose_map50_95']):+.2f}"
                               f" points vs the teacher")
-        for t, run in sorted(getattr(self, "runs", {}).items(), reverse=True):
+        for t, run in sorted(self.runs.items(), reverse=True):
             md.append(f"- {self.run_name(t)}: `act compress --config {Path(self.args.config).name} "
                       f"{' '.join(self.recipe_overrides(t))}` (plus data, device and "
                       f"output overrides), exit {run['rc']}, {run['wall_s']} s wall"
