@@ -3,7 +3,8 @@
 Sources: a folder (searched recursively), a .txt list of paths (relative to the list), an Ultralytics data yaml (its
 train split), or `pkg:PACKAGE/SUBFOLDER` for images shipped inside an installed package. Images are letterboxed
 exactly as the model family does (Ultralytics: its own LetterBox; `letterbox_fn=` a family's `letterbox` method, default
-act.family.default_family()'s), optionally flipped and scale-jittered. An image that cannot be used
+act.family.default_family()'s), optionally flipped, scale-jittered, colour-jittered and mosaicked
+(`AugmentConfig`). An image that cannot be used
 (zero-byte, truncated, corrupt, huge) is skipped, counted and listed with its reason, never fatal; grayscale, RGBA,
 palette and 16-bit images are converted (see `inspect_image`). Training batches come from act.pipeline (seeded,
 resumable).
@@ -220,6 +221,46 @@ def _scale_jitter(im: np.ndarray, imgsz: int, s: float, rng: random.Random, fn: 
     return boxed[y:y + imgsz, x:x + imgsz]
 
 
+def _hsv(im: np.ndarray, gains, rng: random.Random) -> np.ndarray:
+    """Ultralytics' RandomHSV (hue, saturation and value scaled by 1 + U(-g, g), through lookup tables), drawn from
+    `rng` so that a sample's view is a function of (seed, pass, index)."""
+    r = np.array([rng.uniform(-g, g) for g in gains]) + 1
+    hue, sat, val = cv2.split(cv2.cvtColor(im, cv2.COLOR_BGR2HSV))
+    x = np.arange(0, 256, dtype=r.dtype)
+    lut = [((x * r[0]) % 180).astype(np.uint8), np.clip(x * r[1], 0, 255).astype(np.uint8),
+           np.clip(x * r[2], 0, 255).astype(np.uint8)]
+    return cv2.cvtColor(cv2.merge([cv2.LUT(c, t) for c, t in zip((hue, sat, val), lut)]), cv2.COLOR_HSV2BGR)
+
+
+def _mosaic(ims: Sequence[Optional[np.ndarray]], imgsz: int, rng: random.Random, scale, translate: float
+            ) -> np.ndarray:
+    """Ultralytics' 4-image mosaic followed by its RandomPerspective crop, for images without labels: each image,
+    its long side resized to imgsz, fills one quadrant around a random centre of a 2 x imgsz canvas; the canvas is
+    zoomed about its middle by U(scale), shifted by U(-translate, translate) x imgsz and cropped to imgsz. Drawn from
+    `rng` (resumable, any worker); an unusable image (None) leaves its quadrant grey."""
+    s = imgsz
+    canvas = np.full((2 * s, 2 * s, 3), 114, np.uint8)
+    xc, yc = int(rng.uniform(0.5 * s, 1.5 * s)), int(rng.uniform(0.5 * s, 1.5 * s))
+    for k, im in enumerate(ims):
+        if im is None:
+            continue
+        r = s / max(im.shape[:2])
+        if r != 1:
+            im = cv2.resize(im, (max(1, round(im.shape[1] * r)), max(1, round(im.shape[0] * r))),
+                            interpolation=cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA)
+        h, w = im.shape[:2]
+        x1, x2 = (max(xc - w, 0), xc) if k in (0, 2) else (xc, min(xc + w, 2 * s))
+        y1, y2 = (max(yc - h, 0), yc) if k in (0, 1) else (yc, min(yc + h, 2 * s))
+        # the part of the image next to the centre: its right / bottom edge on the left / top of the centre
+        bx = w - (x2 - x1) if k in (0, 2) else 0
+        by = h - (y2 - y1) if k in (0, 1) else 0
+        canvas[y1:y2, x1:x2] = im[by:by + (y2 - y1), bx:bx + (x2 - x1)]
+    z = rng.uniform(*scale)
+    tx, ty = (rng.uniform(-translate, translate) * s for _ in range(2))
+    m = np.array([[z, 0, s / 2 - z * s + tx], [0, z, s / 2 - z * s + ty]], dtype=np.float64)
+    return cv2.warpAffine(canvas, m, (s, s), flags=cv2.INTER_LINEAR, borderValue=(114, 114, 114))
+
+
 class SkippedImage(str):
     """The path of an unusable image (a str, as before), carrying why it was skipped in `.reason`."""
 
@@ -273,9 +314,15 @@ class UnlabeledImages(Dataset):
             rng = random.Random(f"{self.seed}:{epoch}:{i}")  # a pure function of the sample: resumable, any worker
         else:
             rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seeded RNG (per worker)
-        s = rng.uniform(*self.augment.scale)
-        out = _scale_jitter(im, self.imgsz, s, rng, self.letterbox_fn)
-        if rng.random() < self.augment.flip:
+        a = self.augment
+        if a.mosaic and rng.random() < a.mosaic:
+            others = [self.load(rng.randrange(len(self)))[0] for _ in range(3)]
+            out = _mosaic([im, *others], self.imgsz, rng, a.scale, a.translate)
+        else:
+            out = _scale_jitter(im, self.imgsz, rng.uniform(*a.scale), rng, self.letterbox_fn)
+        if any(a.hsv):
+            out = _hsv(np.ascontiguousarray(out), a.hsv, rng)
+        if rng.random() < a.flip:
             out = out[:, ::-1]
         return to_uint8(out), str(self.paths[i])
 

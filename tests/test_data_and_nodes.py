@@ -123,3 +123,60 @@ def test_feature_loss_compares_a_pruned_students_channels_with_the_teacher_chann
         assert float(loss(zero, t)[1]["f"]) == pytest.approx(1.0, rel=0.3)
     with pytest.raises(Exception, match="feature.type: expected 'l2'"):
         DistillConfig(losses={"feature": {"type": "bce"}})
+
+
+def _solid_images(tmp_path, colours):
+    import cv2
+
+    paths = []
+    for k, c in enumerate(colours):
+        p = tmp_path / f"c{k}.png"
+        cv2.imwrite(str(p), np.full((60, 80, 3), c, np.uint8))  # BGR
+        paths.append(p)
+    return paths
+
+
+def test_a_mosaic_sample_shows_four_pool_images_and_is_a_function_of_seed_pass_and_index(tmp_path):
+    from act.config.sections import AugmentConfig
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    paths = _solid_images(tmp_path, colours)
+    # no zoom, no shift, no flip: the output is the canvas's middle, where the four quadrants meet near the centre
+    aug = AugmentConfig(mosaic=1.0, scale=(1.0, 1.0), translate=0.0, flip=0.0)
+    ds = UnlabeledImages(paths, 64, aug, seed=1)
+    seen = set()
+    for epoch in range(8):
+        t, _ = ds[(0, epoch)]
+        assert t.shape == (3, 64, 64) and t.dtype == torch.uint8
+        assert torch.equal(t, ds[(0, epoch)][0])  # resumable: the same view for the same (seed, pass, index)
+        px = {tuple(int(v) for v in t[:, y, x]) for y in range(0, 64, 4) for x in range(0, 64, 4)}
+        seen |= px - {(114, 114, 114)}
+    rgb = {c[::-1] for c in colours}
+    assert seen <= rgb | {(114, 114, 114)} and len(seen) >= 3  # several pool images in the views, nothing else
+    assert not torch.equal(ds[(0, 0)][0], ds[(0, 1)][0])  # a new view each pass
+    plain = UnlabeledImages(paths, 64, AugmentConfig(scale=(1.0, 1.0), flip=0.0), seed=1)
+    t, _ = plain[(0, 0)]
+    assert {tuple(int(v) for v in t[:, 32, 32])} == {colours[0][::-1]}  # mosaic 0: the image alone, letterboxed
+
+
+def test_hsv_jitter_changes_colour_and_only_when_asked(tmp_path):
+    from act.config.sections import AugmentConfig
+
+    paths = _solid_images(tmp_path, [(40, 120, 200)])
+    base = UnlabeledImages(paths, 64, AugmentConfig(scale=(1.0, 1.0), flip=0.0), seed=0)[(0, 0)][0]
+    views = [UnlabeledImages(paths, 64, AugmentConfig(scale=(1.0, 1.0), flip=0.0, hsv=(0.015, 0.7, 0.4)),
+                             seed=0)[(0, e)][0] for e in range(4)]
+    assert all(v.shape == base.shape for v in views)
+    centre = [tuple(int(x) for x in v[:, 32, 32]) for v in views]
+    assert len(set(centre)) == 4 and tuple(int(x) for x in base[:, 32, 32]) == (200, 120, 40)
+
+
+@pytest.mark.parametrize("key,value,expect", [("data.augment.hsv", "[0.1,2.0,0.4]", "gains in \\[0, 1\\]"),
+                                              ("data.augment.mosaic", "1.5", "less than or equal to 1")])
+def test_bad_augmentation_values_fail_with_the_key_path(tmp_path, key, value, expect):
+    from act.config import load_config
+    from act.errors import ConfigError
+    from conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=f"{key}.*{expect}"):
+        load_config(raw=tiny_config(tmp_path), overrides=[f"{key}={value}"])

@@ -143,7 +143,8 @@ class _Valid(Exception):
 
 KEYS = [k for k in (
     "model", "model.teacher", "model.task", "data", "data.train", "data.imgsz", "data.batch_size", "data.workers",
-    "data.augment", "data.augment.flip", "data.augment.scale", "data.max_images", "data.cache", "distill",
+    "data.augment", "data.augment.flip", "data.augment.scale", "data.augment.mosaic", "data.augment.hsv",
+    "data.max_images", "data.cache", "distill",
     "distill.nodes", "distill.losses", "distill.losses.box", "distill.losses.box.type", "distill.losses.kpt.weight",
     "distill.node_weights", "quant", "quant.enabled", "quant.weight.granularity", "quant.activation.ema_rate",
     "quant.activation.alpha_init", "quant.skip", "quant.calib_batches", "quant.init_from", "train",

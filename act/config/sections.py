@@ -27,8 +27,24 @@ class ModelConfig(_Section):
 
 
 class AugmentConfig(_Section):
+    """Augmentation of the unlabeled images. Teacher and student see the same augmented view (the teacher labels it
+    by its outputs), so any view is a valid training sample: a mosaic of four images is a new one."""
+
     flip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
-    scale: Tuple[float, float] = Field((0.75, 1.25), description="random resize range before letterbox")
+    scale: Tuple[float, float] = Field((0.75, 1.25), description="random resize range before letterbox (a mosaic's "
+                                                                  "zoom range)")
+    mosaic: float = Field(0.0, ge=0.0, le=1.0, description="probability that a sample is a 2x2 mosaic of four pool "
+                                                           "images (Ultralytics' training mosaic), zoomed and shifted")
+    translate: float = Field(0.1, ge=0.0, le=0.5, description="a mosaic's random shift, a share of imgsz")
+    hsv: Tuple[float, float, float] = Field((0.0, 0.0, 0.0), description="random hue / saturation / value gains "
+                                            "(Ultralytics' hsv_h, hsv_s, hsv_v; its training default 0.015, 0.7, 0.4)")
+
+    @field_validator("hsv")
+    @classmethod
+    def _hsv_range(cls, v):
+        if not all(0 <= g <= 1 for g in v):
+            raise ValueError("expected three gains in [0, 1] (hue, saturation, value)")
+        return v
 
     @field_validator("scale")
     @classmethod
