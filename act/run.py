@@ -147,11 +147,19 @@ class Run:
         else:
             self.pool = None  # the loader resolves data.train itself
 
-    def setup_eval(self) -> None:
+    def setup_eval(self, keeps_best: bool = False) -> None:
+        """The evaluators (rank 0) and eval.metric; `keeps_best`: the run keeps best.pt by that metric, so something
+        must evaluate (checked on every rank, before any work)."""
         cfg = self.cfg
         imgsz = cfg.eval.imgsz or cfg.data.imgsz
         self.evaluators: List[Callable] = []
         self.metric = cfg.eval.metric or (default_metric(self.task, self.family) if cfg.eval.data else None)
+        evaluates = cfg.eval.data or cfg.eval.callback or self.user_eval is not None or (
+            cfg.eval.fidelity.enabled and self.fidelity_paths)
+        if keeps_best and self.metric and not evaluates:  # best.pt would never be written
+            raise ConfigError(f"invalid config:\n  eval.metric: {self.metric!r} picks best.pt, but nothing is "
+                              "evaluated (no eval.data, eval.fidelity off, no eval.callback): set eval.metric=null "
+                              "to keep the last student, or turn an evaluation on")
         if not self._dist().is_main:  # rank 0 evaluates; the others wait at a barrier
             self.eval_on = self.dist.broadcast(None)
             return

@@ -48,7 +48,7 @@ class Trainer(Run):
         self.setup_models()
         self.setup_train_model()
         self.setup_data()
-        self.setup_eval()
+        self.setup_eval(keeps_best=True)
         self.setup_optimizer()
         self.calibrate_time = 0.0
         self.guard = NanGuard(self.cfg.train.nan_policy, self)

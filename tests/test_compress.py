@@ -165,6 +165,22 @@ def test_cli_bad_config_exits_2_with_key_path(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_metric_with_nothing_evaluated_fails_before_training(tmp_path):
+    """eval.metric picks best.pt; with every evaluation off best.pt would never be written and the run would end in
+    'checkpoint not found'. It fails at setup instead, saying what to change; eval.metric=null keeps the last."""
+    from act.errors import ConfigError
+
+    off = {"data": None, "fidelity": {"enabled": False}}
+    cfg = tiny_config(tmp_path / "bad", eval={**off, "metric": "fidelity_pose_map50_95"}, train={"iterations": 2})
+    with pytest.raises(ConfigError, match=r"eval.metric: 'fidelity_pose_map50_95' picks best.pt, but nothing is "
+                                          r"evaluated .*eval.metric=null"):
+        AutoCompression(cfg).run()
+    assert not (tmp_path / "bad" / "last.pt").exists()
+    ok = tiny_config(tmp_path / "ok", eval={**off, "metric": None}, train={"iterations": 2},
+                     export={"onnx": False}, report={"enabled": False})
+    assert AutoCompression(ok).run()["best_iteration"] == 2 and (tmp_path / "ok" / "best.pt").is_file()
+
+
 def test_cli_runs_compress_with_overrides(tmp_path):
     cfg = tmp_path / "c.yaml"
     import yaml
