@@ -53,9 +53,9 @@ def test_search_starts_from_the_best_calibrator_and_exports(tmp_path, teacher):
         Trainer.calibrate = real
     init = summary["quant_init"]
     assert set(init["candidates"]) == {"percentile 99.99", "minmax", "mse"} and init["images"] == 2
-    # the kept candidate is the best by the run's fidelity metric (ties: the first)
-    best = max(init["candidates"].items(), key=lambda kv: kv[1])
-    assert init["calibrator"] == next(k for k, v in init["candidates"].items() if v == best[1])
+    # the kept candidate is one of the best by the run's fidelity metric (ties go to the head SNR, which the summary
+    # does not list: with 2 images and random weights candidates often tie)
+    assert init["candidates"][init["calibrator"]] == max(init["candidates"].values())
     assert init["metric"] == "fidelity_box_map50_95"
     assert seen["ranges"] and all(v > 0 for v in seen["ranges"].values())
     assert summary["onnx"]["parity"]["passed"] and summary["onnx"]["lint"]["clean"]
