@@ -10,7 +10,7 @@ were kept from (the channel map a prune stage records, see `channel_map`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -103,13 +103,18 @@ class FeatureCapture:
 
 
 class DistillLoss(nn.Module):
-    """Sum over nodes of weight(branch) * weight(node) * loss(branch)(student, teacher)."""
+    """Sum over nodes of weight(branch) * weight(node) * loss(branch)(student, teacher), plus with
+    `distill.pseudo_labels` its weight x the family's training loss against the teacher's detections."""
 
-    def __init__(self, nodes: List[Node], config, reg_max: int = 16, oks_sigmas=None, kpt_ndim: int = 3):
+    def __init__(self, nodes: List[Node], config, reg_max: int = 16, oks_sigmas=None, kpt_ndim: int = 3,
+                 pseudo_labels: Optional[Callable] = None):
         """oks_sigmas, kpt_ndim: the family's per-keypoint OKS sigmas and keypoint layout (pose models), for
-        `type: oks`."""
+        `type: oks`. pseudo_labels: the family's `(student_out, teacher_out) -> loss` of `distill.pseudo_labels`."""
         super().__init__()
         self.nodes = nodes
+        self.pseudo_labels = pseudo_labels
+        # what in the loss waits for the host, so the step cannot be a CUDA graph (act.step_graph)
+        self.host_sync = "distill.pseudo_labels: the teacher's NMS has data-dependent shapes" if pseudo_labels else None
         self.cfg = config
         self.reg_max = reg_max
         self.oks_sigmas = None if oks_sigmas is None else torch.as_tensor(oks_sigmas, dtype=torch.float32)
@@ -178,4 +183,8 @@ class DistillLoss(nn.Module):
             w = self.cfg.losses[node.branch].weight * self.cfg.node_weights.get(node.name, 1.0)
             per_node[node.name] = loss.detach()
             total = loss * w if total is None else total + loss * w
+        if self.pseudo_labels is not None:
+            loss = self.pseudo_labels(student_out, teacher_out)
+            per_node["pseudo_labels"] = loss.detach()
+            total = total + loss * self.cfg.pseudo_labels.weight
         return total, per_node

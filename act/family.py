@@ -120,6 +120,10 @@ class ModelFamily(Protocol):
     def oks_sigmas(self, nk: int) -> np.ndarray:
         """Per-keypoint OKS sigmas for COCO keypoint evaluation."""
 
+    def pseudo_label_loss(self, model: nn.Module, nodes, cfg) -> Callable:
+        """`distill.pseudo_labels` (cfg: that section): `(student_out, teacher_out) -> loss`, the family's own
+        training loss against the teacher's detections, both read from the distillation nodes."""
+
     def default_metric(self, task: str) -> str:
         """The labeled metric that ranks students, e.g. 'pose_map50_95'."""
 

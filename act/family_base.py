@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from act.errors import ActError, ModelError
+from act.errors import ActError, ConfigError, ModelError
 
 # COCO's per-keypoint OKS sigmas (person, 17 keypoints), as pycocotools and the COCO keypoint evaluation use them
 COCO_OKS_SIGMAS = np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87,
@@ -149,6 +149,12 @@ class FamilyBase:
             keep = batched_nms(rows[:, :4], rows[:, 4], rows[:, 5].long(), iou)[:max_det]
             out.append(rows[keep])
         return out
+
+    def pseudo_label_loss(self, model: nn.Module, nodes, cfg) -> Callable:
+        """`distill.pseudo_labels`: `(student_out, teacher_out) -> loss` of the family's own training loss against
+        the teacher's detections, read from the distillation nodes."""
+        raise ConfigError(f"invalid config:\n  distill.pseudo_labels: the {self.name} family has no training loss "
+                          "for pseudo-labels")
 
     def oks_sigmas(self, nk: int) -> np.ndarray:
         return COCO_OKS_SIGMAS.astype(np.float64) if nk == 17 else np.ones(nk) / nk

@@ -105,10 +105,13 @@ class Run:
         self.nodes = find_nodes(self.teacher, self.family, cfg.distill.nodes)
         self.feature_nodes = find_feature_nodes(self.teacher, self.family, cfg.distill.features)
         kpt = self.family.keypoint_shape(self.teacher)  # (nk, ndim) of a pose model, else ()
+        pseudo = cfg.distill.pseudo_labels
         self.loss_fn = DistillLoss(self.nodes + self.feature_nodes, cfg.distill,
                                    reg_max=self.family.dfl_bins(self.teacher),
                                    oks_sigmas=self.family.oks_sigmas(kpt[0]) if kpt else None,
-                                   kpt_ndim=kpt[1] if len(kpt) > 1 else 3)
+                                   kpt_ndim=kpt[1] if len(kpt) > 1 else 3,
+                                   pseudo_labels=self.family.pseudo_label_loss(self.teacher, self.nodes, pseudo)
+                                   if pseudo.enabled else None)
         self.loss_fn.set_channel_maps(channel_map(self.student))
         self.teacher.to(self.device)
         self.student.to(self.device)

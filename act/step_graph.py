@@ -29,10 +29,13 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 
-def unavailable_reason(device: torch.device, distributed: bool, compile_all: bool, amp: str) -> Optional[str]:
-    """Why the step cannot be captured here, or None."""
+def unavailable_reason(device: torch.device, distributed: bool, compile_all: bool, amp: str,
+                       host_sync: Optional[str] = None) -> Optional[str]:
+    """Why the step cannot be captured here, or None. `host_sync`: what in the loss waits for the host (its reason)."""
     if device.type != "cuda":
         return f"it needs a CUDA device (this run is on {device.type})"
+    if host_sync:
+        return host_sync
     if distributed:
         return "not under DDP (its gradient all-reduce and the quantizers' range all-reduce run outside a graph)"
     if compile_all:
@@ -46,12 +49,12 @@ _SAID = set()  # (messages said once per process)
 
 
 def captured_step(train_cfg, device: torch.device, distributed: bool, body, optimizer, params,
-                  say: Callable[[str], None] = print) -> Optional["CapturedStep"]:
+                  say: Callable[[str], None] = print, host_sync: Optional[str] = None) -> Optional["CapturedStep"]:
     """The CapturedStep that train.cuda_graph asks for, or None (eager): `false`; or where it cannot run, with a
     message when `true` was asked for."""
     if train_cfg.cuda_graph is False:
         return None
-    why = unavailable_reason(device, distributed, train_cfg.compile is True, train_cfg.amp)
+    why = unavailable_reason(device, distributed, train_cfg.compile is True, train_cfg.amp, host_sync)
     if why is not None:
         if why not in _SAID:
             _SAID.add(why)

@@ -126,14 +126,12 @@ class Trainer(Run):
         # sync_free: every step runs backward and lets the scaler skip non-finite updates (consistently on every
         # rank under DDP); the plain CPU path checks the loss on the host instead.
         self.sync_free = self.device.type == "cuda" or self.dist.enabled
-        if amp == "fp16":
-            self.scaler = torch.amp.GradScaler("cuda")
-        else:
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=2**30,
-                                               enabled=self.sync_free)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else torch.amp.GradScaler(
+            self.device.type, init_scale=1.0, growth_interval=2**30, enabled=self.sync_free)
         # train.cuda_graph (act.step_graph): bound to this optimizer; made again with each new one (a pruning step)
         self.step_graph = captured_step(self.cfg.train, self.device, self.dist.enabled, self.forward_loss, self.optimizer,
-                                        self.student.parameters(), say=print if self.dist.is_main else lambda m: None)
+                                        self.student.parameters(), say=print if self.dist.is_main else lambda m: None,
+                                        host_sync=self.loss_fn.host_sync)
 
     def invalidate_step(self) -> None:
         """The optimizer's or the model's tensors were replaced (a restore, a resume): capture the step again."""

@@ -135,6 +135,19 @@ def _default_losses() -> Dict[str, LossSpec]:
     }
 
 
+class PseudoLabelConfig(_Section):
+    """Teacher pseudo-labels through the family's own training loss (Ultralytics: v8PoseLoss / v8DetectionLoss on the
+    teacher's NMS'd detections of each batch), added to the distillation loss. No human labels."""
+
+    enabled: bool = False
+    weight: float = Field(0.25, gt=0, description="weight of the pseudo-label loss (per image, with the family's "
+                                                   "own gains) in the total")
+    conf: float = Field(0.25, gt=0, lt=1, description="teacher detections kept: class score above this (after NMS)")
+    iou: float = Field(0.7, gt=0, le=1, description="NMS IoU of the teacher's detections")
+    kpt_conf: float = Field(0.5, gt=0, lt=1, description="a keypoint counts as labelled where the teacher's keypoint "
+                                                         "confidence is above this")
+
+
 class DistillConfig(_Section):
     nodes: Union[Literal["auto"], List[str]] = Field(
         "auto", description="'auto': the last conv of each head branch; or explicit module names"
@@ -146,6 +159,7 @@ class DistillConfig(_Section):
         description="feature maps distilled too (loss: losses.feature, L2 relative to the teacher's mean square): "
                     "'auto': the neck outputs the head reads, one per pyramid level; or module names; [] none. A "
                     "pruned student's channels are matched to the teacher channels they were kept from")
+    pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
 
     @field_validator("losses", mode="before")
     @classmethod

@@ -213,6 +213,11 @@ class UltralyticsYOLO(FamilyBase):
 
         return non_max_suppression(pred, conf, iou, nc=nc, multi_label=multi_label, max_det=max_det)
 
+    def pseudo_label_loss(self, model: nn.Module, nodes, cfg):
+        from families.ultralytics.pseudo_labels import PseudoLabelLoss
+
+        return PseudoLabelLoss(self.head(model), self.task(model), nodes, cfg.conf, cfg.iou, cfg.kpt_conf)
+
     def oks_sigmas(self, nk: int):
         import numpy as np
         from ultralytics.utils.metrics import OKS_SIGMA
