@@ -61,6 +61,7 @@ class PseudoLabelLoss:
         """The teacher's detections after NMS, as an Ultralytics training batch (boxes xywh and keypoints in
         0-1 image units)."""
         from ultralytics.utils.nms import non_max_suppression
+        from ultralytics.utils.ops import xyxy2xywh
         from ultralytics.utils.tal import make_anchors
 
         c = self.criterion
@@ -68,8 +69,7 @@ class PseudoLabelLoss:
         anchors, strides = make_anchors(feats, c.stride, 0.5)
         b = feats[0].shape[0]
         h, w = feats[0].shape[2] * float(c.stride[0]), feats[0].shape[3] * float(c.stride[0])
-        boxes = c.bbox_decode(anchors, pred["boxes"].permute(0, 2, 1)) * strides  # xyxy pixels (b, a, 4)
-        xywh = torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], -1)
+        xywh = xyxy2xywh(c.bbox_decode(anchors, pred["boxes"].permute(0, 2, 1)) * strides)  # pixels (b, a, 4)
         parts = [xywh, pred["scores"].permute(0, 2, 1).sigmoid()]
         nk = 0
         if self.task == "pose":
@@ -83,10 +83,7 @@ class PseudoLabelLoss:
                                                        nc=c.nc)
         idx = torch.cat([torch.full((len(d),), i, device=xywh.device) for i, d in enumerate(dets)]).float()
         d = torch.cat(dets, 0)
-        scale = d.new_tensor([w, h, w, h])
-        xyxy = d[:, :4]
-        batch = {"batch_idx": idx, "cls": d[:, 5:6],
-                 "bboxes": torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / scale}
+        batch = {"batch_idx": idx, "cls": d[:, 5:6], "bboxes": xyxy2xywh(d[:, :4]) / d.new_tensor([w, h, w, h])}
         if nk:
             k = d[:, 6:].reshape(len(d), nk, -1).clone()
             k[..., 0] /= w
