@@ -1,8 +1,9 @@
 """`act eval`: evaluate any artifact with the same metric code as training, and print one table.
 
 An artifact is a teacher name (teachers/registry.yaml), an Ultralytics .pt, an act checkpoint (best.pt, last.pt,
-ptq.pt: its fake-quantized student runs in torch), or an exported file (.onnx, .engine, ...: the model family's
-`load_for_inference` runs it; Ultralytics' AutoBackend, onnxruntime for ONNX). Metrics: CocoEvaluator (the
+ptq.pt: its fake-quantized student runs in torch), or an exported file or folder (.onnx, .engine, an OpenVINO
+`*_openvino_model/`, ...: the model family's `load_for_inference` runs it; Ultralytics' AutoBackend, onnxruntime for
+ONNX, OpenVINO for IR folders). Metrics: CocoEvaluator (the
 family's labeled evaluation: Ultralytics' validators) on a labeled data yaml, and, given a teacher, FidelityEvaluator
 on unlabeled images (default: the held-out slice of the data yaml's train split, the same images `act compress`
 holds out).
@@ -43,7 +44,7 @@ def load_artifact(spec: str, family: str = "auto") -> Artifact:
     from act.build import load_frozen
 
     p = Path(spec).expanduser()
-    if p.suffix and p.suffix not in TORCH_SUFFIXES and p.suffix not in (".yaml", ".yml"):
+    if p.is_dir() or (p.suffix and p.suffix not in TORCH_SUFFIXES and p.suffix not in (".yaml", ".yml")):
         if not p.exists():
             raise ModelError(f"model not found: {spec}")
         return _exported(spec, p, family)

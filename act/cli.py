@@ -69,14 +69,14 @@ def _eval(args) -> int:
 def _lint(args) -> int:
     from act.lint import main_lint
 
-    return main_lint(args.model, as_json=args.json, skip=args.skip)
+    return main_lint(args.model, as_json=args.json, skip=args.skip, target=args.target)
 
 
 def _export(args) -> int:
     from act.deploy import export
 
     export(args.source, engine=args.engine, dynamic=True if args.dynamic else None, batch=args.batch,
-           imgsz=args.imgsz, out=args.out, overrides=args.overrides)
+           imgsz=args.imgsz, out=args.out, overrides=args.overrides, formats=args.format or [])
     return 0
 
 
@@ -129,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the rows to this JSON file")
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="Q/DQ ONNX (and with --engine a TensorRT engine) from a run folder, an act "
-                                      "checkpoint or a Q/DQ .onnx")
+    x = sub.add_parser("export", help="Q/DQ ONNX (with --engine a TensorRT engine, with --format openvino an "
+                                      "OpenVINO IR) from a run folder, an act checkpoint or a Q/DQ .onnx")
     x.add_argument("source", help="act run folder (its best.pt), act checkpoint .pt, or Q/DQ .onnx (engine only)")
     x.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs act[tensorrt])")
+    x.add_argument("--format", action="append", choices=["openvino"],
+                   help="also write this format: openvino = <stem>_openvino_model/ in Ultralytics' layout, checked "
+                        "in OpenVINO per output branch (needs act[openvino])")
     x.add_argument("--dynamic", action="store_true", help="dynamic batch (engine profile: export.tensorrt."
                                                           "min_batch/opt_batch/max_batch)")
     x.add_argument("--batch", type=int, help="fixed batch of the ONNX (default export.batch)")
@@ -141,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("overrides", nargs="*", help="export.* overrides, e.g. export.tensorrt.max_batch=16")
     x.set_defaults(func=_export)
 
-    lq = sub.add_parser("lint-qdq", help="check a Q/DQ ONNX for placement TensorRT cannot fuse (exit 1 on findings)")
+    lq = sub.add_parser("lint-qdq", help="check a Q/DQ ONNX for placement its target runtime cannot fuse or computes "
+                                         "differently (exit 1 on findings)")
     lq.add_argument("model", help="ONNX file")
+    lq.add_argument("--target", choices=["tensorrt", "cpu"],
+                    help="the rules of this target (default: the act_target the file was exported for, else tensorrt)")
     lq.add_argument("--json", action="store_true", help="print the report as JSON")
     lq.add_argument("--skip", action="append", metavar="PATTERN",
                     help="module-name pattern kept float on purpose (default: those act wrote into the metadata)")

@@ -1,9 +1,10 @@
 """Delivery: from a run's chosen checkpoint to what the user takes away.
 
-`deliver(run, ...)` loads the checkpoint (best.pt, or ptq.pt), writes summary.json, exports the Q/DQ ONNX
-(act.export), verifies it in onnxruntime against the torch student (parity: a run whose ONNX does not match fails,
-exit 3), lints the Q/DQ placement (act.lint), builds the TensorRT engine when asked (act.engine) and writes the
-report (act.report).
+`deliver(run, ...)` loads the checkpoint (best.pt, or ptq.pt), writes summary.json, exports the Q/DQ ONNX for
+export.target (act.export), verifies it against the torch student per output branch in each runtime installed
+(onnxruntime always, OpenVINO when present: a run whose deliverable does not match fails, exit 3), lints the Q/DQ
+placement (act.lint), writes the OpenVINO IR and builds the TensorRT engine when asked (act.openvino, act.engine)
+and writes the report (act.report).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from act import quant as Q
 from act.checkpoint import load_checkpoint
 from act.data import load_images, resolve_source
 from act.errors import ActError
-from act.export import export_onnx, lint_after_export, parity, qdq_summary
+from act.export import (export_onnx, lint_after_export, parity, qdq_summary, raise_if_failed, torch_outputs,
+                        verify_openvino)
 from act.fileio import atomic_write_text
 from act.quant.health import collapsed_quantizers, format_report
 from act.stream import write_skipped
@@ -86,26 +88,30 @@ def summarize(run, before, it: int, train_time: float, student, extra: Dict[str,
 
 
 def export_and_verify(run, student, summary: Dict[str, Any]) -> None:
-    """student.onnx (Q/DQ, Ultralytics metadata), its parity with the torch student, the lint, the engine."""
+    """student.onnx (Q/DQ for export.target, Ultralytics metadata), its parity with the torch student per branch in
+    onnxruntime and OpenVINO, the lint, the OpenVINO IR, the engine."""
     cfg = run.cfg
+    ex = cfg.export
     t1 = time.time()
     onnx_path = export_onnx(student, run.out / "student.onnx", run.family, cfg.data.imgsz,
-                            cfg.export.batch, cfg.export.opset, cfg.export.dynamic,
+                            ex.batch, ex.opset, ex.dynamic,
                             metadata={"act": json.dumps({"best_iteration": run.best_iteration})},
-                            simplify=cfg.export.simplify,
-                            skip=list(cfg.quant.skip) + list(run.family.float_patterns))
+                            simplify=ex.simplify, skip=list(cfg.quant.skip) + list(run.family.float_patterns),
+                            target=ex.target)
     images = parity_images(cfg, run.family.letterbox)
-    par = parity(student, onnx_path, run.family, images, cfg.export.parity_tolerance, raise_on_fail=False)
-    summary["onnx"] = {"path": str(onnx_path), "parity": par, "qdq": qdq_summary(onnx_path)}
+    reference = torch_outputs(student, run.family, images)
+    par = parity(student, onnx_path, run.family, images, ex.parity_tolerance, raise_on_fail=False,
+                 branch_tolerance=ex.branch_tolerance, reference=reference)
+    summary["onnx"] = {"path": str(onnx_path), "target": ex.target, "parity": par, "qdq": qdq_summary(onnx_path)}
     summary["onnx"]["lint"] = lint_after_export(onnx_path, quantized=cfg.quant.enabled)
-    if cfg.export.tensorrt.enabled:
+    summary["openvino"] = verify_openvino(onnx_path, student, run.family, images, ex, reference)
+    if ex.tensorrt.enabled:
         from act.engine import build_engine
 
-        summary["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), cfg.export.tensorrt)
+        summary["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), ex.tensorrt)
     summary["time_s"]["export"] = round(time.time() - t1, 2)
     write_summary(run.out, summary)
-    if not par["passed"]:
-        parity(student, onnx_path, run.family, images, cfg.export.parity_tolerance)  # raises
+    raise_if_failed(onnx_path, par, summary["openvino"])  # ParityError (exit 3), the summary kept
 
 
 def deliver(run, log, before, it: int, train_time: float, checkpoint: str, extra: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,16 +1,18 @@
-"""`act export RUN_DIR|best.pt|student.onnx [--engine] [--dynamic]`: the deployable files of a finished run.
+"""`act export RUN_DIR|best.pt|student.onnx [--engine] [--format openvino] [--dynamic]`: the deployable files of a
+finished run.
 
-From a run folder (its best.pt, else ptq.pt, and its config.yaml) or an act checkpoint: the Q/DQ ONNX (simplified,
-onnx.checker full check, onnxruntime parity, Q/DQ lint), and with --engine the TensorRT engine next to it. From a
-Q/DQ .onnx: the engine only. Settings: the run's `export` section, then key=value overrides
-(e.g. export.tensorrt.max_batch=16), then the flags.
+From a run folder (its best.pt, else ptq.pt, and its config.yaml) or an act checkpoint: the Q/DQ ONNX for the run's
+export.target (simplified, onnx.checker full check, onnxruntime parity per output branch, Q/DQ lint), with --engine
+the TensorRT engine next to it, with --format openvino the OpenVINO IR (`<stem>_openvino_model/`, checked against the
+torch student per branch). From a Q/DQ .onnx: the engine and/or the IR (checked against onnxruntime). Settings: the
+run's `export` section, then key=value overrides (e.g. export.tensorrt.max_batch=16), then the flags.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from act.config import RunConfig, apply_overrides, read_yaml, validate_config
 from act.errors import ActError, ConfigError
@@ -50,8 +52,9 @@ def resolve_source(source: str):
 
 def export(source: str, engine: bool = False, dynamic: Optional[bool] = None, batch: Optional[int] = None,
            imgsz: Optional[int] = None, out: Optional[str] = None, overrides: Optional[List[str]] = None,
-           log=print) -> Dict[str, Any]:
-    """See the module doc. Returns what it wrote and checked (also written to <folder>/export.json)."""
+           formats: Sequence[str] = (), log=print) -> Dict[str, Any]:
+    """See the module doc. formats: extra formats to write ('openvino'). Returns what it wrote and checked (also
+    written to <folder>/export.json)."""
     from act.config import ExportConfig
 
     kind, path, folder = resolve_source(source)
@@ -61,6 +64,11 @@ def export(source: str, engine: bool = False, dynamic: Optional[bool] = None, ba
         from act.engine import import_tensorrt
 
         import_tensorrt()  # before any work: a missing TensorRT is an exit-2 message, not a late failure
+    if "openvino" in formats:
+        from act.optional_deps import import_openvino
+
+        import_openvino("act export --format openvino")  # likewise
+        ex = ex.model_copy(update={"openvino": ex.openvino.model_copy(update={"enabled": True})})
     result: Dict[str, Any] = {"source": str(path)}
     if kind == "checkpoint":
         onnx_path = export_checkpoint(path, cfg, ex, dynamic=ex.dynamic if dynamic is None else dynamic,
@@ -70,6 +78,8 @@ def export(source: str, engine: bool = False, dynamic: Optional[bool] = None, ba
         from act.export import lint_after_export
 
         result["onnx"] = {"path": str(onnx_path), "lint": lint_after_export(onnx_path)}
+        if "openvino" in formats:
+            result["openvino"] = openvino_from_onnx(onnx_path, cfg, ex, log)
     if engine:
         from act.engine import build_engine
 
@@ -84,7 +94,8 @@ def export(source: str, engine: bool = False, dynamic: Optional[bool] = None, ba
 def export_checkpoint(path: Path, cfg: Optional[RunConfig], ex, dynamic: bool, batch: int, imgsz: Optional[int],
                       out: Optional[str], result: Dict[str, Any], log=print) -> Path:
     from act.checkpoint import load_checkpoint
-    from act.export import export_onnx, lint_after_export, parity, qdq_summary
+    from act.export import (export_onnx, lint_after_export, parity, qdq_summary, raise_if_failed, torch_outputs,
+                            verify_openvino)
     from act.family import family_for
 
     ckpt = load_checkpoint(path)
@@ -98,27 +109,64 @@ def export_checkpoint(path: Path, cfg: Optional[RunConfig], ex, dynamic: bool, b
     name = "student_dynamic.onnx" if dynamic else "student.onnx"
     onnx_path = Path(out) if out else path.parent / name
     onnx_path = export_onnx(student, onnx_path, family, int(imgsz), batch, ex.opset, dynamic,
-                            metadata={"act": json.dumps({"source": path.name})}, simplify=ex.simplify, skip=skip)
+                            metadata={"act": json.dumps({"source": path.name})}, simplify=ex.simplify, skip=skip,
+                            target=ex.target)
     images = _parity_images(cfg, int(imgsz), ex.parity_images, family)
-    par = parity(student, onnx_path, family, images, ex.parity_tolerance, raise_on_fail=False)
+    reference = torch_outputs(student, family, images)
+    par = parity(student, onnx_path, family, images, ex.parity_tolerance, raise_on_fail=False,
+                 branch_tolerance=ex.branch_tolerance, reference=reference)
     result["onnx"] = {"path": str(onnx_path), "dynamic": dynamic, "batch": batch, "imgsz": int(imgsz), "parity": par,
                       "qdq": qdq_summary(onnx_path)}
     result["onnx"]["lint"] = lint_after_export(onnx_path, quantized=result["onnx"]["qdq"]["QuantizeLinear"] > 0)
     log(f"act: wrote {onnx_path} (parity rel L2 {par['rel_l2']:.3g}, lint "
         f"{'clean' if result['onnx']['lint']['clean'] else str(result['onnx']['lint']['errors']) + ' findings'})")
-    if not par["passed"]:
-        parity(student, onnx_path, family, images, ex.parity_tolerance)  # raises ParityError (exit 3)
+    result["openvino"] = verify_openvino(onnx_path, student, family, images, ex, reference, log=log)
+    raise_if_failed(onnx_path, par, result["openvino"])  # ParityError (exit 3)
     return onnx_path
 
 
+def openvino_from_onnx(onnx_path: Path, cfg: Optional[RunConfig], ex, log=print) -> Dict[str, Any]:
+    """The IR of an existing Q/DQ ONNX, checked against onnxruntime running that ONNX (no torch student here)."""
+    import onnx
+
+    from act import openvino
+    from act.errors import ParityError
+    from act.export import compare, onnx_outputs, parity_message
+
+    proto = onnx.load(str(onnx_path))
+    meta = openvino.onnx_metadata(proto)
+    imgsz = (meta.get("imgsz") or [640])[0]
+    xml = openvino.write_ir(onnx_path)
+    images = _parity_images(cfg, int(imgsz), ex.parity_images)
+    ref = onnx_outputs(onnx_path, images)
+    got, info = openvino.outputs(xml, images, ex.openvino.precision)
+    nc = len(meta.get("names") or {0: "object"})
+    branches = {"box": slice(0, 4), "cls": slice(4, 4 + nc)}
+    if meta.get("kpt_shape"):
+        branches["kpt"] = slice(4 + nc, None)
+    res = compare("openvino (vs onnxruntime)", ref, got, branches, ex.openvino.parity_tolerance)
+    res.update(info)
+    log(f"act: wrote {xml.parent} (vs onnxruntime per-branch rel L2 "
+        + ", ".join(f"{k} {v:.3g}" for k, v in res["branches"].items()) + ")")
+    if not res["passed"]:
+        raise ParityError(parity_message(xml.parent, res))
+    return {"path": str(xml.parent), "parity": res, "required": True, "random_images": cfg is None}
+
+
 def _parity_images(cfg: Optional[RunConfig], imgsz: int, n: int, family=None):
+    """The run's first pool images; without a run config (or a readable pool) the sample images of the model family
+    (`sample_images`, e.g. the two Ultralytics ships), else random ones. Real images matter: on noise the class scores are all near
+    zero and their per-branch error means little."""
     import torch
 
     from act.data import load_images, resolve_source as resolve_images
+    from act.family import default_family
 
-    if cfg is not None:
+    family = family or default_family()
+    sources = [cfg.data.train] if cfg is not None else []
+    for source in sources + ([family.sample_images] if getattr(family, "sample_images", None) else []):
         try:
-            return load_images(resolve_images(cfg.data.train)[:n], imgsz, family.letterbox if family else None)
+            return load_images(resolve_images(source)[:n], imgsz, family.letterbox)
         except (ActError, OSError):
             pass
     g = torch.Generator().manual_seed(0)

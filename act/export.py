@@ -32,11 +32,15 @@ def _export_copy(student: nn.Module) -> nn.Module:
     return freeze(model)
 
 
+TARGET_METADATA_KEY = "act_target"  # export.target the file was made for (the linter's rules follow it)
+
+
 def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int = 1, opset: int = 17,
                 dynamic: bool = False, metadata: Optional[Dict] = None, simplify: bool = False,
-                skip: Sequence[str] = ()) -> Path:
+                skip: Sequence[str] = (), target: str = "tensorrt") -> Path:
     """Q/DQ ONNX of the student. simplify: onnxslim (constant folding, duplicate Q/DQ merged; every Q/DQ kept, see
-    act.onnx_hygiene). skip: module-name patterns kept float on purpose, written into the metadata for the linter."""
+    act.onnx_hygiene). skip: module-name patterns kept float on purpose, written into the metadata for the linter.
+    target: export.target; `cpu` stores activation Q/DQ as uint8 with zero point 128 (the same values)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = _export_copy(student)
@@ -53,6 +57,10 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
             from act.onnx_hygiene import simplify_qdq
 
             proto = simplify_qdq(proto)
+        if target == "cpu":
+            from act.onnx_hygiene import activations_as_uint8
+
+            activations_as_uint8(proto)
         meta = family.export_metadata(model, imgsz, batch, metadata)
         meta["args"]["dynamic"] = dynamic
         meta["args"]["int8"] = any(isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_quantizer")
@@ -60,6 +68,7 @@ def export_onnx(student: nn.Module, path: Path, family, imgsz: int, batch: int =
         from act.lint import SKIP_METADATA_KEY
 
         meta[SKIP_METADATA_KEY] = json.dumps(list(skip))
+        meta[TARGET_METADATA_KEY] = target
         del proto.metadata_props[:]
         for k, v in meta.items():
             entry = proto.metadata_props.add()
@@ -113,38 +122,130 @@ def onnx_outputs(path: Path, images: torch.Tensor, batch: Optional[int] = None, 
     return np.concatenate(outs)
 
 
+def compare(runtime: str, ref: np.ndarray, got: np.ndarray, branches: Dict[str, slice],
+            branch_tolerance: Dict[str, float], tolerance: Optional[float] = None) -> Dict:
+    """A runtime's outputs against the torch student's: relative L2 of the whole output (bounded by `tolerance` if
+    given) and of each output branch (box, cls, kpt: channel slices of the decoded output, act.family), each bounded
+    by its `branch_tolerance`."""
+    if ref.shape != got.shape:
+        raise ParityError(f"{runtime}: output shape {got.shape} != torch output shape {ref.shape}")
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+
+    def rel(a, b):
+        return float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12))
+
+    diff = got - ref
+    per_branch = {name: rel(ref[:, sl], got[:, sl]) for name, sl in branches.items()}
+    failed = [name for name, e in per_branch.items() if name in branch_tolerance and e > branch_tolerance[name]]
+    res = {"runtime": runtime, "rel_l2": rel(ref, got), "max_abs": float(np.abs(diff).max()),
+           "mean_abs": float(np.abs(diff).mean()), "branches": per_branch,
+           "branch_tolerance": {k: v for k, v in branch_tolerance.items() if k in branches}, "failed_branches": failed}
+    if tolerance is not None:
+        res["tolerance"] = tolerance
+        if res["rel_l2"] > tolerance:
+            failed.append("all")
+    res["passed"] = not failed
+    return res
+
+
+def parity_message(path: Path, res: Dict) -> str:
+    """What a failed comparison says: the runtime, each failing branch with its error and bound."""
+    parts = []
+    for b in res["failed_branches"]:
+        err, tol = (res["rel_l2"], res["tolerance"]) if b == "all" else (res["branches"][b],
+                                                                        res["branch_tolerance"][b])
+        parts.append(f"{'the whole output' if b == 'all' else f'the {b} branch'}: relative L2 {err:.3g} > {tol:g}")
+    return (f"{path}: {res['runtime']} disagrees with the torch student beyond rounding on "
+            + "; ".join(parts) + f" (max abs {res['max_abs']:.3g}). The export is not trustworthy there.")
+
+
 def parity(student: nn.Module, path: Path, family, images: torch.Tensor, tolerance: float = 3e-2,
-           raise_on_fail: bool = True) -> Dict[str, float]:
-    """Compare onnxruntime with the torch student on real images.
+           raise_on_fail: bool = True, branch_tolerance: Optional[Dict[str, float]] = None,
+           reference: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Compare onnxruntime with the torch student on real images, on the whole output and per output branch.
 
     Fake-quant in torch and QuantizeLinear in onnxruntime round the same way, but float sums differ in the last bits,
     so a value on a rounding boundary can land one quantization step apart and the flip travels downstream. The check
-    therefore bounds the relative L2 error (default 3%, see ExportConfig.parity_tolerance) and reports the worst
-    element too.
+    therefore bounds the relative L2 error (default 3%, see ExportConfig.parity_tolerance) of the whole output and of
+    each branch (ExportConfig.branch_tolerance: a dead class branch is 1 of 56 channels), and reports the worst
+    element too. reference: the torch outputs, if already computed (torch_outputs).
     """
-    t = torch_outputs(student, family, images)
+    t = torch_outputs(student, family, images) if reference is None else reference
     o = onnx_outputs(path, images)
-    if t.shape != o.shape:
-        raise ParityError(f"ONNX output shape {o.shape} != torch output shape {t.shape}")
-    diff = o.astype(np.float64) - t.astype(np.float64)
-    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(t), 1e-12))
+    if branch_tolerance is None:
+        from act.config import ExportConfig
+
+        branch_tolerance = ExportConfig().branch_tolerance
+    res = compare("onnxruntime", t, o, family.output_branches(student), branch_tolerance, tolerance)
     opt = onnx_outputs(path, images, exact=False).astype(np.float64)
-    rel_opt = float(np.linalg.norm(opt - t) / max(np.linalg.norm(t), 1e-12))
-    res = {
-        "images": int(len(images)),
-        "rel_l2": rel,
-        "rel_l2_ort_optimized": rel_opt,
-        "max_abs": float(np.abs(diff).max()),
-        "mean_abs": float(np.abs(diff).mean()),
-        "tolerance": tolerance,
-        "passed": bool(rel <= tolerance),
-    }
+    res["rel_l2_ort_optimized"] = float(np.linalg.norm(opt - t) / max(np.linalg.norm(t), 1e-12))
+    res["images"] = int(len(images))
     if raise_on_fail and not res["passed"]:
-        raise ParityError(
-            f"{path}: onnxruntime disagrees with the torch student beyond rounding: relative L2 error {rel:.3g} > "
-            f"{tolerance:g} (max abs {res['max_abs']:.3g}). The export is not trustworthy."
-        )
+        raise ParityError(parity_message(path, res))
     return res
+
+
+def openvino_parity(student: nn.Module, ir_path: Path, family, images: torch.Tensor,
+                    branch_tolerance: Dict[str, float], precision: str = "f32",
+                    reference: Optional[np.ndarray] = None) -> Dict:
+    """OpenVINO (the IR as deployed, INT8 kernels fused) against the torch student, per output branch."""
+    from act import openvino
+
+    t = torch_outputs(student, family, images) if reference is None else reference
+    got, info = openvino.outputs(ir_path, images, precision)
+    res = compare("openvino", t, got, family.output_branches(student), branch_tolerance)
+    res.update(info)
+    res["images"] = int(len(images))
+    return res
+
+
+def verify_openvino(onnx_path: Path, student: nn.Module, family, images: torch.Tensor, ex,
+                    reference: Optional[np.ndarray] = None, log=print) -> Dict:
+    """The OpenVINO side of an export (`ex`: the run's ExportConfig): with `export.openvino.enabled` (auto: with
+    export.target cpu) the IR `<stem>_openvino_model/` is written and must match the torch student per branch (a
+    ParityError otherwise, after the caller wrote the summary: see `raise_if_failed`); without it, when OpenVINO is
+    installed, the same conversion is checked in a temporary folder and a mismatch is reported, not fatal (a
+    TensorRT-target model on a CPU without VNNI overflows there: docs/deployment.md)."""
+    import shutil
+    import tempfile
+
+    from act import openvino
+    from act.optional_deps import openvino_available
+
+    if not openvino_available():
+        return {"skipped": "openvino is not installed (pip install act[openvino])"}
+    deliver = ex.openvino.enabled is True or (ex.openvino.enabled == "auto" and ex.target == "cpu")
+    tmp = None
+    if deliver:
+        xml = openvino.write_ir(onnx_path)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="act_openvino_"))
+        xml = openvino.write_ir(onnx_path, tmp / "ir")
+    try:
+        par = openvino_parity(student, xml, family, images, ex.openvino.parity_tolerance, ex.openvino.precision,
+                              reference)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    out = {"path": str(xml.parent) if deliver else None, "parity": par, "required": deliver,
+           "target": ex.target}
+    errs = ", ".join(f"{k} {v:.3g}" for k, v in par["branches"].items())
+    if deliver:
+        log(f"act: wrote {xml.parent} (OpenVINO {par['runtime_precision']}: per-branch rel L2 {errs})")
+    elif not par["passed"]:
+        log(f"act: note: OpenVINO on this CPU does not reproduce this {ex.target}-target model ({errs}); for CPU "
+            f"deployment set export.target=cpu (docs/deployment.md)")
+    return out
+
+
+def raise_if_failed(path: Path, onnx_parity: Dict, openvino_result: Optional[Dict] = None) -> None:
+    """ParityError (exit 3) for the first runtime whose check failed and counts: onnxruntime always, OpenVINO when
+    its IR is delivered."""
+    if not onnx_parity["passed"]:
+        raise ParityError(parity_message(path, onnx_parity))
+    ov = openvino_result or {}
+    if ov.get("required") and not ov["parity"]["passed"]:
+        raise ParityError(parity_message(Path(ov["path"]), ov["parity"]))
 
 
 def qdq_summary(path: Path) -> Dict[str, int]:

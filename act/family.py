@@ -113,6 +113,9 @@ class ModelFamily(Protocol):
     def decoded(self, output: Any) -> torch.Tensor:
         """The decoded head output (B, 4 + nc (+ nk), anchors) of a model's (or a runner's) forward in eval mode."""
 
+    def output_branches(self, model: nn.Module) -> Dict[str, slice]:
+        """{branch: channel slice of the decoded output}: box, cls (and kpt); parity is checked per branch."""
+
     def nms(self, pred: torch.Tensor, conf: float, iou: float, nc: int, multi_label: bool = False,
             max_det: int = 300) -> List[torch.Tensor]:
         """Per image: (n, 6 + nk * kdim) rows x1 y1 x2 y2 conf cls [keypoints], from a decoded output."""

@@ -26,6 +26,7 @@ COCO_OKS_SIGMAS = np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72
 class FamilyBase:
     name = "base"
     float_patterns: Sequence[str] = ()
+    sample_images: Optional[str] = None  # an image source (act.data) the family ships, for checks without user data
     default_placement = "tensorrt"
     placement_rules = {"concat": True, "residual_add": True, "maxpool": True, "upsample": True, "fanout": True}
 
@@ -129,6 +130,14 @@ class FamilyBase:
         while isinstance(output, (list, tuple)):
             output = output[0]
         return output
+
+    def output_branches(self, model: nn.Module) -> Dict[str, slice]:
+        """The decoded output's channel groups: box (4), cls (nc), kpt (the rest, pose models)."""
+        nc = self.num_classes(model)
+        out = {"box": slice(0, 4), "cls": slice(4, 4 + nc)}
+        if self.keypoint_shape(model):
+            out["kpt"] = slice(4 + nc, None)
+        return out
 
     def nms(self, pred: torch.Tensor, conf: float, iou: float, nc: int, multi_label: bool = False,
             max_det: int = 300) -> List[torch.Tensor]:

@@ -1,11 +1,12 @@
-"""Measured latency of an ONNX model in onnxruntime on CPU: median over runs, after warm-up, at its own input shape."""
+"""Measured latency of an ONNX model on this CPU, at its own input shape, median over runs after warm-up: in
+onnxruntime (Q/DQ run as written) and in OpenVINO (Q/DQ fused into INT8 kernels, as deployed; act.openvino)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -32,3 +33,15 @@ def ort_latency(path: Path, runs: int = 20, warmup: int = 3, threads: Optional[i
         times.append((time.perf_counter() - t) * 1000)
     return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "runs": runs,
             "batch": shape[0], "imgsz": shape[2:], "threads": threads or so.intra_op_num_threads or "default"}
+
+
+def openvino_latency(path: Path, runs: int = 20) -> Optional[Dict[str, Any]]:
+    """OpenVINO CPU latency (LATENCY hint, batch 1) and throughput (THROUGHPUT hint) of an ONNX as OpenVINO deploys
+    it (act.openvino.latency_of_onnx); None when OpenVINO is not installed or runs is 0."""
+    from act.optional_deps import openvino_available
+
+    if runs <= 0 or not Path(path).is_file() or not openvino_available():
+        return None
+    from act.openvino import latency_of_onnx
+
+    return latency_of_onnx(Path(path), runs=runs)

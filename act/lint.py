@@ -4,7 +4,12 @@ Errors (exit code 1):
   conv_input_float     a Conv (outside the decode) whose input is not dequantized INT8
   conv_weight_float    a Conv whose weight has no DequantizeLinear
   weight_per_tensor    a Conv weight quantized per tensor (TensorRT's INT8 convs want per-output-channel, axis 0)
-  zero_point           a Q/DQ with a non-zero or unsigned zero point (TensorRT is symmetric INT8 only)
+  zero_point           a Q/DQ with a non-zero or unsigned zero point (TensorRT is symmetric INT8 only; for the cpu
+                       target: a weight Q/DQ that is not int8 with zero point 0)
+  activation_int8      (cpu target) an activation Q/DQ stored as int8: OpenVINO's CPU plugin computes signed-int8
+                       activations next to a Concat with the wrong scale; store them as uint8, zero point 128
+  weight_range         (cpu target) weight integers beyond [-63, 63]: CPUs without VNNI sum u8 x s8 products in pairs
+                       into 16 bits, which saturates (quant.weight.range int7)
   concat_scales        a Concat whose inputs are not all dequantized with one scale (requantize / reformat)
   pool_requantize      a MaxPool / Resize whose input and output are not quantized with one scale
   add_half_quantized   an Add with one quantized and one float input (the float side costs a reformat)
@@ -14,6 +19,8 @@ TensorRT runs in FP16/FP32 (attention MatMul/Softmax), the decode.
 
 The decode is everything downstream of the head's last convs; a "last conv" is a Conv after which no other conv
 follows but the DFL's fixed conv (one output channel reading a Softmax), which is part of the decode.
+The target (export.target: tensorrt, or cpu for OpenVINO / onnxruntime on x86 CPUs) is read from the file's metadata
+(act_target, written by act) unless given; the rules above say which target they belong to.
 Exit codes: 0 clean, 1 findings, 2 unreadable input.
 """
 
@@ -29,6 +36,8 @@ import numpy as np
 from act.errors import ActError
 
 SKIP_METADATA_KEY = "act_quant_skip"  # JSON list of module-name patterns kept float on purpose (quant.skip)
+TARGETS = ("tensorrt", "cpu")
+CPU_WEIGHT_MAX_INT = 63  # weights within 7 bits for CPUs without VNNI
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 PIECES = ("Split", "Slice")  # TensorRT propagates DQ forward through them (C2f's chunk of a quantized conv output)
 
@@ -50,6 +59,7 @@ class LintReport:
     path: str
     findings: List[Finding] = field(default_factory=list)
     stats: Dict[str, int] = field(default_factory=dict)
+    target: str = "tensorrt"
 
     @property
     def errors(self) -> List[Finding]:
@@ -66,7 +76,7 @@ class LintReport:
         counts: Dict[str, int] = {}
         for f in self.errors:
             counts[f.code] = counts.get(f.code, 0) + 1
-        return {"path": self.path, "clean": self.clean, "errors": len(self.errors),
+        return {"path": self.path, "target": self.target, "clean": self.clean, "errors": len(self.errors),
                 "infos": len(self.findings) - len(self.errors), "error_counts": counts, "stats": self.stats,
                 "findings": [asdict(f) for f in self.findings]}
 
@@ -78,7 +88,7 @@ class LintReport:
         return d
 
     def text(self) -> str:
-        lines = [f"{self.path}: {'clean' if self.clean else f'{len(self.errors)} finding(s)'} "
+        lines = [f"{self.path} (target {self.target}): {'clean' if self.clean else f'{len(self.errors)} finding(s)'} "
                  f"({self.stats.get('conv', 0)} convs, {self.stats.get('conv_int8', 0)} INT8, "
                  f"{self.stats.get('qdq_pairs', 0)} Q/DQ pairs)"]
         for f in sorted(self.findings, key=lambda f: (f.severity != "error", f.code, f.node)):
@@ -181,19 +191,45 @@ def _fmt_scales(scales: Iterable[np.ndarray]) -> str:
     return ", ".join(f"{v:.4g}" for v in vals[:4]) + (" ..." if len(vals) > 4 else "")
 
 
-def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequence[str]] = None) -> LintReport:
+def _zp_text(zp) -> str:
+    return "no zero point (uint8 0)" if zp is None else f"{np.ravel(zp)[:3].tolist()} ({zp.dtype})"
+
+
+def _weight_max_int(g: "_Graph", q) -> Optional[int]:
+    """The largest |integer| a weight QuantizeLinear produces from its constant weight (None if unknown)."""
+    w, s = g.const.get(q.input[0]), g.const.get(q.input[1])
+    if w is None or s is None:
+        return None
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim == 1 and s.size > 1:  # per channel on `axis` (0 for act's convs)
+        axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        s = s.reshape(shape)
+    return int(np.abs(np.round(np.asarray(w, dtype=np.float64) / s)).max()) if w.size else 0
+
+
+def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequence[str]] = None,
+              target: Optional[str] = None) -> LintReport:
     """Lint a Q/DQ ONNX (path or ModelProto). `skip`: module-name patterns kept float on purpose; default: the
-    patterns act wrote into the file's metadata (act_quant_skip)."""
+    patterns act wrote into the file's metadata (act_quant_skip). `target`: tensorrt or cpu; default: the file's
+    act_target metadata, else tensorrt."""
+    from act.onnx_hygiene import activation_qdq
     from act.quant import matches_any
 
     proto, name = _load(model)
     report = LintReport(name)
+    meta = {p.key: p.value for p in proto.metadata_props}
     if skip is None:
-        meta = {p.key: p.value for p in proto.metadata_props}
         try:
             skip = json.loads(meta.get(SKIP_METADATA_KEY, "[]"))
         except ValueError:
             skip = []
+    target = target or meta.get("act_target") or "tensorrt"
+    if target not in TARGETS:
+        raise LintInputError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    report.target = target
+    activation_nodes = {n.output[0] for group in activation_qdq(proto) for n in group}  # by output tensor
     g = _Graph(proto)
     order = g.nodes
     index = {id(n): i for i, n in enumerate(order)}
@@ -245,9 +281,23 @@ def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequenc
                 report.add("error", "qdq_in_decode", where, "Q/DQ after the head's last convs: the decode (box/keypoint "
                                                             "arithmetic) must stay float")
             zp = g.const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            if zp is not None and (np.any(zp != 0) or zp.dtype != np.int8):
-                report.add("error", "zero_point", where, f"zero point {np.ravel(zp)[:3].tolist()} ({zp.dtype}); "
-                                                         f"TensorRT needs symmetric int8 (zero point 0, int8)")
+            if target == "cpu" and n.output[0] in activation_nodes:
+                if zp is None or zp.dtype != np.uint8 or np.any(zp != 128):
+                    report.add("error", "activation_int8", where, f"activation stored as {_zp_text(zp)}: OpenVINO's "
+                                                                  f"CPU plugin computes signed-int8 activations next "
+                                                                  f"to a Concat with the wrong scale; store them as "
+                                                                  f"uint8 with zero point 128 (export.target cpu)")
+            elif zp is not None and (np.any(zp != 0) or zp.dtype != np.int8):
+                report.add("error", "zero_point", where, f"zero point {_zp_text(zp)}; "
+                                                         + ("TensorRT needs symmetric int8 (zero point 0, int8)"
+                                                            if target == "tensorrt" else
+                                                            "weights must be symmetric int8 (zero point 0, int8)"))
+            if target == "cpu" and op == "QuantizeLinear" and n.output[0] not in activation_nodes:
+                top = _weight_max_int(g, n)
+                if top is not None and top > CPU_WEIGHT_MAX_INT:
+                    report.add("error", "weight_range", where, f"weight integers reach {top}: CPUs without VNNI sum "
+                                                               f"u8 x s8 products in pairs into 16 bits and saturate; "
+                                                               f"keep them within [-63, 63] (quant.weight.range int7)")
             continue
         if decode[i]:
             continue
@@ -321,8 +371,9 @@ def lint_onnx(model: Union[str, Path, "onnx.ModelProto"], skip: Optional[Sequenc
     return report
 
 
-def main_lint(path: str, as_json: bool = False, skip: Optional[List[str]] = None) -> int:
+def main_lint(path: str, as_json: bool = False, skip: Optional[List[str]] = None,
+              target: Optional[str] = None) -> int:
     """CLI body: prints the report, returns 0 clean / 1 findings (2 for bad input comes as LintInputError)."""
-    report = lint_onnx(path, skip=skip)
+    report = lint_onnx(path, skip=skip, target=target)
     print(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
     return 0 if report.clean else 1

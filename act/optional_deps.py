@@ -24,3 +24,26 @@ def import_tensorrt(purpose: str = "building a TensorRT engine"):
         raise TensorRTMissing(f"the `tensorrt` package is installed but cannot load ({type(e).__name__}: {e}). "
                               f"It needs an NVIDIA GPU, its driver and a matching CUDA; see {INSTALL_HINT}") from None
     return trt
+
+
+class OpenVINOMissing(ActError):
+    """The optional `openvino` package is not installed. Exit code 2."""
+
+    exit_code = 2
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def import_openvino(purpose: str = "the OpenVINO export"):
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise OpenVINOMissing(f"{purpose} needs the `openvino` Python package, which is not installed here ({e}). "
+                              f"Install it with: pip install act[openvino]") from None
+    return ov

@@ -90,6 +90,20 @@ def model_numbers(model: nn.Module, imgsz: int) -> Dict[str, Any]:
     return out
 
 
+def _speed_row(row: Dict[str, Any], ort_ms: Optional[float], ov: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """One model's latency entry of summary.json (and its report-table cells)."""
+    out: Dict[str, Any] = {}
+    if ort_ms is not None:
+        out["onnxruntime_cpu"] = {"median_ms": ort_ms}
+    if ov:
+        out["openvino_cpu"] = ov
+        row["openvino_ms"], row["openvino_images_per_s"] = ov["median_ms"], ov["throughput_images_per_s"]
+    return out
+
+
+from act.latency import openvino_latency  # noqa: E402
+
+
 def ort_latency_ms(path: Path, runs: int = 20, warmup: int = 3) -> Optional[float]:
     """Median onnxruntime CPU latency (ms) of one batch-1 (or the file's fixed batch) inference (act.latency)."""
     from act.latency import ort_latency
@@ -163,7 +177,7 @@ def _figure_before_after(rows: List[Dict[str, Any]]):
     plt = _plt()
     metric_keys = [k for k in HEADLINE if "snr" not in k and "cos" not in k and any(
         isinstance(r.get(k), float) and math.isfinite(r[k]) for r in rows)]
-    cost_keys = [k for k in ("onnx_mb", "weights_mb", "gmacs", "latency_ms") if any(r.get(k) for r in rows)]
+    cost_keys = [k for k in ("onnx_mb", "weights_mb", "gmacs", "latency_ms", "openvino_ms") if any(r.get(k) for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     width = 0.8 / max(len(rows), 1)
     for ax, keys, title in ((axes[0], metric_keys, "accuracy (higher is better)"),
@@ -215,7 +229,9 @@ def _cell(v: Any) -> str:
 
 
 COST_COLUMNS = [("params_m", "params (M)"), ("gmacs", "GMACs"), ("weights_mb", "weights MB"),
-                ("onnx_mb", "ONNX MB"), ("latency_ms", "ORT CPU ms (b1, median)")]
+                ("onnx_mb", "ONNX MB"), ("latency_ms", "ORT CPU ms (b1, median)"),
+                ("openvino_ms", "OpenVINO CPU ms (b1, LATENCY, median)"),
+                ("openvino_images_per_s", "OpenVINO CPU img/s (THROUGHPUT)")]
 
 
 def _table(rows: List[Dict[str, Any]]) -> List[List[str]]:
@@ -287,15 +303,26 @@ def _write_report(out: Path, summary, runner, log, student, teacher, family) -> 
     if student is not None:
         s_row.update(model_numbers(student, imgsz))
     onnx_path = Path(summary.get("onnx", {}).get("path", out / "student.onnx"))
+    latency: Dict[str, Any] = {}
     if onnx_path.is_file():
         s_row["onnx_mb"] = onnx_path.stat().st_size / 2**20
         s_row["latency_ms"] = ort_latency_ms(onnx_path, rep.latency_runs)
+        latency.update(_speed_row(s_row, s_row["latency_ms"], openvino_latency(onnx_path, rep.latency_runs)))
         if rep.teacher_onnx:
             from act.export import export_onnx
 
             t_onnx = export_onnx(teacher, figdir / "teacher.onnx", family, imgsz, 1, cfg.export.opset)
             t_row["onnx_mb"] = t_onnx.stat().st_size / 2**20
             t_row["latency_ms"] = ort_latency_ms(t_onnx, rep.latency_runs)
+            latency["teacher"] = _speed_row(t_row, t_row["latency_ms"], openvino_latency(t_onnx, rep.latency_runs))
+    if latency:
+        # summary.json: batch-1 latency of the student (and the FP32 teacher) on this machine's CPU, per runtime:
+        # onnxruntime runs the Q/DQ literally (INT8 is slower there), OpenVINO fuses them into INT8 kernels
+        t_ov = (latency.get("teacher") or {}).get("openvino_cpu") or {}
+        s_ov = latency.get("openvino_cpu") or {}
+        if t_ov.get("median_ms") and s_ov.get("median_ms"):
+            latency["openvino_student_vs_teacher"] = round(s_ov["median_ms"] / t_ov["median_ms"], 3)
+        summary["latency"] = {**(summary.get("latency") or {}), **latency}
     for r in rows[1:-1]:
         r.update({k: v for k, v in s_row.items() if k in dict(COST_COLUMNS)})
     from act.targets import teacher_value

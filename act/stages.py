@@ -31,7 +31,7 @@ from act.checkpoint import load_checkpoint
 from act.config import RunConfig, validate_config
 from act.deliver import write_summary
 from act.errors import ActError, Interrupted
-from act.latency import ort_latency
+from act.latency import openvino_latency, ort_latency
 from act.prune import model_cost
 from act.run import fmt_metrics as _fmt
 from act.sparsity import SparsityMasks
@@ -115,7 +115,12 @@ class StageRun(Trainer):
                                                                        masks.ignore(self)).stats(best)
         onnx_path = self.out / "student.onnx"
         if self.cfg.export.onnx and self.cfg.export.latency_runs and onnx_path.is_file():
-            summary["latency"] = {"onnxruntime_cpu": ort_latency(onnx_path, runs=self.cfg.export.latency_runs)}
+            latency = summary.setdefault("latency", {})
+            latency["onnxruntime_cpu"] = ort_latency(onnx_path, runs=self.cfg.export.latency_runs)
+            if "openvino_cpu" not in latency:  # (the stage's report measured it already when it ran)
+                ov = openvino_latency(onnx_path, self.cfg.export.latency_runs)
+                if ov:
+                    latency["openvino_cpu"] = ov
         write_summary(self.out, summary)
         return summary
 
@@ -210,8 +215,10 @@ class StagedRun:
             _write_progress(out, progress)
             c = s.get("cost", {})
             lat = s.get("latency", {}).get("onnxruntime_cpu", {}).get("median_ms")
+            ov = (s.get("latency", {}).get("openvino_cpu") or {}).get("median_ms")
             print(f"act: stage {stage.label} done: {c.get('macs_ratio')}x MACs, {c.get('params_ratio')}x params"
-                  + (f", ORT CPU {lat} ms" if lat is not None else "") + f"; {_fmt(s['metrics']['best'])}")
+                  + (f", ORT CPU {lat} ms" if lat is not None else "") + (f", OpenVINO CPU {ov} ms" if ov else "")
+                  + f"; {_fmt(s['metrics']['best'])}")
         if not main:
             return {"rank": dist.rank, "stages": [s.label for s in cfg.stages]}
         return self._summarize(summaries, t0)

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from act.errors import ConfigError, ModelError
 from act.config.sections import (  # noqa: F401 (re-exported: the config models are importable from act.config)
     ActivationQuantConfig, AnalyzeConfig, AugmentConfig, AutoConfig, AutoSkipConfig, BranchType, Calibrator,
     DataConfig, DistillConfig, EvalConfig, ExportConfig, FidelityConfig, LossSpec, ModelConfig, NanPolicyConfig,
-    PTQCandidate, PTQConfig, PlacementConfig, PruneTarget, QuantConfig, ReportConfig, TargetConfig, TensorRTConfig,
+    OpenVINOConfig, PTQCandidate, PTQConfig, PlacementConfig, PruneTarget, QuantConfig, ReportConfig, TargetConfig, TensorRTConfig,
     TrainConfig, WeightQuantConfig, _Section, _default_losses, _default_search,
 )
 from act.config.stages import (  # noqa: F401 (re-exported: the config models are importable from act.config)
@@ -68,6 +68,14 @@ class RunConfig(_Section):
         if not v.strip() or "\x00" in v:
             raise ValueError("expected a folder path (not empty, no NUL characters)")
         return v
+
+    @model_validator(mode="after")
+    def _weight_range_for_target(self):
+        """quant.weight.range auto: what export.target needs (int7 for cpu, int8 for tensorrt), written into the run's
+        config.yaml resolved."""
+        if self.quant.weight.range == "auto":
+            self.quant.weight.range = "int7" if self.export.target == "cpu" else "int8"
+        return self
 
     def dump(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -198,6 +206,10 @@ def check_paths(cfg: RunConfig) -> None:
         from act.optional_deps import import_tensorrt
 
         import_tensorrt()  # export.tensorrt.enabled without TensorRT: exit 2 now, not after training
+    if cfg.export.openvino.enabled is True:
+        from act.optional_deps import import_openvino
+
+        import_openvino("export.openvino.enabled")  # likewise for OpenVINO
     for key, src in (("ptq.source", cfg.ptq.source), ("eval.fidelity.source", cfg.eval.fidelity.source)):
         problem = src and resolve_source_exists(src)
         if problem:

@@ -183,9 +183,22 @@ class DistillConfig(_Section):
         return v
 
 
+WEIGHT_RANGES = {"int8": 127, "int7": 63}  # quant.weight.range -> the largest weight integer
+
+
 class WeightQuantConfig(_Section):
     bits: Literal[8] = 8
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    range: Literal["auto", "int8", "int7"] = Field(
+        "auto", description="int8: weight integers in [-127, 127] (TensorRT); int7: within [-63, 63], scale = abs-max "
+                            "/ 63, still stored as int8: CPUs without VNNI sum u8 x s8 products in pairs into 16 "
+                            "bits, which saturates with 8-bit weights (OpenVINO, onnxruntime); auto: what "
+                            "export.target needs (int7 for cpu, int8 for tensorrt)")
+
+    @property
+    def max_int(self) -> int:
+        """The largest weight integer; 'auto' (a config not resolved against export.target) means int8."""
+        return WEIGHT_RANGES.get(self.range, 127)
 
 
 class ActivationQuantConfig(_Section):
@@ -284,7 +297,9 @@ class AutoConfig(_Section):
 
 class ReportConfig(_Section):
     enabled: bool = True
-    latency_runs: int = Field(20, ge=0, description="onnxruntime CPU batch-1 runs per model (median); 0: skip")
+    latency_runs: int = Field(20, ge=0, description="timed batch-1 runs per model and runtime (median): onnxruntime "
+                                                    "CPU, and OpenVINO CPU (LATENCY hint; plus THROUGHPUT-hint "
+                                                    "images/s) where installed; 0: skip")
     teacher_onnx: bool = Field(True, description="export the teacher to ONNX for its size and latency")
 
 
@@ -461,7 +476,46 @@ class TensorRTConfig(_Section):
         return self
 
 
+class OpenVINOConfig(_Section):
+    """The OpenVINO IR (`student_openvino_model/`, Ultralytics' layout) and the checks made in OpenVINO (act.openvino).
+    OpenVINO's CPU plugin fuses Q/DQ into INT8 kernels, as TensorRT does: docs/deployment.md."""
+
+    enabled: Union[Literal["auto"], bool] = Field(
+        "auto", description="write student_openvino_model/ after the ONNX export; auto: when export.target is cpu "
+                            "and the openvino package is installed")
+    parity_tolerance: Dict[str, float] = Field(
+        default_factory=lambda: {"box": 0.05, "cls": 0.2, "kpt": 0.05},
+        description="per output branch: the largest relative L2 error of OpenVINO's outputs against the torch "
+                    "student (see export.branch_tolerance)")
+    precision: Literal["f32", "auto"] = Field(
+        "f32", description="float precision of the parity check: f32 (INT8 kernels, float layers in f32: the model, "
+                           "not the CPU's bf16 choice); auto: the CPU's default (bf16 on AVX512-BF16 / AMX CPUs), "
+                           "as Ultralytics runs it")
+
+    @field_validator("parity_tolerance")
+    @classmethod
+    def _branches(cls, v):
+        return _check_branch_tolerance(v)
+
+
+def _check_branch_tolerance(v: Dict[str, float]) -> Dict[str, float]:
+    bad = sorted(set(v) - set(OUTPUT_BRANCHES))
+    if bad:
+        raise ValueError(f"unknown output branch {bad[0]!r}; expected {', '.join(OUTPUT_BRANCHES)}")
+    if any(not (t > 0) for t in v.values()):
+        raise ValueError("expected tolerances > 0")
+    return v
+
+
+OUTPUT_BRANCHES = ("box", "cls", "kpt")  # the decoded output's channel groups (act.family: output_branches)
+
+
 class ExportConfig(_Section):
+    target: Literal["tensorrt", "cpu"] = Field(
+        "tensorrt", description="what the INT8 model is made for. tensorrt: symmetric int8 everywhere, full-range "
+                                "weights (TensorRT's explicit quantization). cpu: x86 CPUs through OpenVINO or "
+                                "onnxruntime's fused INT8 kernels: activations stored as uint8 with zero point 128 "
+                                "(the same values), weights within 7 bits (quant.weight.range auto), OpenVINO IR")
     onnx: bool = True
     opset: int = Field(17, ge=13, le=21)
     dynamic: bool = False
@@ -475,7 +529,26 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(
         3e-2, gt=0, description="max relative L2 error of ONNX vs torch outputs (rounding flips only)"
     )
+    # Per output branch (box, class scores, keypoints; the family says which channels): a dead class branch is 1 of
+    # 56 channels and hides in the whole-output error. Rounding flips alone measured, yolo11n-pose 160 / 640 px:
+    # box 0.010-0.020, cls 0.03-0.052, kpt 0.006-0.012 (onnxruntime and OpenVINO); the OpenVINO faults this check
+    # exists for: cls 0.52-0.999, box 0.097-0.10, kpt 0.05-0.06 (docs/deployment.md).
+    branch_tolerance: Dict[str, float] = Field(
+        default_factory=lambda: {"box": 0.05, "cls": 0.2, "kpt": 0.05},
+        description="per output branch: the largest relative L2 error of onnxruntime's outputs against the torch "
+                    "student")
+    openvino: OpenVINOConfig = Field(default_factory=OpenVINOConfig)
     latency_runs: int = Field(
-        20, ge=0, description="staged runs: time each stage's ONNX in onnxruntime on CPU this many times (median); "
-                              "0: skip")
+        20, ge=0, description="staged runs: time each stage's ONNX this many times (median) in onnxruntime on CPU, "
+                              "and in OpenVINO on CPU where installed; 0: skip")
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+
+    @field_validator("branch_tolerance")
+    @classmethod
+    def _branches(cls, v):
+        return _check_branch_tolerance(v)
+
+    @property
+    def activation_dtype(self) -> str:
+        """How activation Q/DQ are stored: int8 (zero point 0) for TensorRT, uint8 (zero point 128) for CPUs."""
+        return "uint8" if self.target == "cpu" else "int8"

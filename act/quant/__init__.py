@@ -71,7 +71,8 @@ def quantize(model: nn.Module, config=None, forward_loop: Optional[Callable[[nn.
         if isinstance(m, nn.Linear) and not cfg.quantize_linear:
             continue
         aq = ActivationQuantizer(ema_rate=act_cfg.ema_rate, pact=act_cfg.pact, alpha_init=alpha_init)
-        wq = WeightQuantizer(per_channel=cfg.weight.granularity == "per_channel", axis=0)
+        wq = WeightQuantizer(per_channel=cfg.weight.granularity == "per_channel", axis=0,
+                             max_int=cfg.weight.max_int)
         cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
         _set_child(model, name, cls.from_float(m, aq, wq))
     if forward_loop is not None:

@@ -2,7 +2,9 @@
 
 Those ops export straight to ONNX QuantizeLinear/DequantizeLinear (int8, zero point 0), and their gradient is the
 straight-through estimator (1 inside the representable range, 0 outside), so what trains is exactly what exports.
-Values are quantized to [-128, 127] with scale = range / 127; a tensor's abs-max therefore maps to +-127.
+Values are quantized to [-128, 127] with scale = range / 127; a tensor's abs-max therefore maps to +-127. Weights can
+be kept within 7 bits (`max_int=63`, scale = abs-max / 63: every integer in [-63, 63], still stored as int8): what CPUs
+without VNNI need, whose u8 x s8 kernels sum products in pairs into 16 bits (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ class WeightQuantizer(nn.Module):
     """Abs-max of the live weight, per output channel (axis 0) or per tensor. Stateless: the scale follows the
     weight as it trains, so it exports with the final weights' ranges."""
 
-    def __init__(self, per_channel: bool = True, axis: int = 0):
+    def __init__(self, per_channel: bool = True, axis: int = 0, max_int: int = QMAX):
         super().__init__()
         self.per_channel = per_channel
         self.axis = axis
+        self.max_int = int(max_int)  # 127: full int8; 63: integers within 7 bits (quant.weight.range int7)
         self.enabled = True
         self.frozen_scale = None  # set by freeze(): a constant scale, so the export holds no range arithmetic
 
@@ -103,7 +106,7 @@ class WeightQuantizer(nn.Module):
             amax = w.abs().amax(dim=dims)
         else:
             amax = w.abs().amax()
-        return (amax / QMAX).clamp_min(EPS)
+        return (amax / getattr(self, "max_int", QMAX)).clamp_min(EPS)  # (checkpoints from before max_int: 127)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -122,7 +125,7 @@ class WeightQuantizer(nn.Module):
         return out if out.dtype == w.dtype else out.to(w.dtype)
 
     def extra_repr(self) -> str:
-        return f"per_channel={self.per_channel}, axis={self.axis}"
+        return f"per_channel={self.per_channel}, axis={self.axis}, max_int={getattr(self, 'max_int', QMAX)}"
 
 
 class ActivationQuantizer(nn.Module):

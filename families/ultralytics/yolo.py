@@ -24,6 +24,7 @@ class UltralyticsYOLO(FamilyBase):
     # The decode stays in float: DFL's fixed conv, and everything after the last conv of each branch
     # (sigmoid, anchor/stride arithmetic) is not a conv and so is never quantized.
     float_patterns = ("*.dfl", "*.dfl.*")
+    sample_images = "pkg:ultralytics/assets"  # bus.jpg, zidane.jpg: parity images when no run config names a pool
 
     # Q/DQ placement (act.quant.placement): the rules TensorRT needs to fuse an Ultralytics YOLO without reformats
     default_placement = "tensorrt"
