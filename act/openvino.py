@@ -130,13 +130,14 @@ def outputs(path: Path, images, precision: str = "f32"):
     return out, {"precision": used, "runtime_precision": runtime_precision(compiled)}
 
 
-def latency(path: Path, runs: int = 30, warmup: int = 5) -> Dict[str, Any]:
+def latency(path: Path, runs: int = 30, warmup: int = 5, precision: str = "auto") -> Dict[str, Any]:
     """OpenVINO CPU speed of a model (.onnx or IR) at its own input shape, on random input:
     latency: PERFORMANCE_HINT LATENCY, batch 1, median (and min) of `runs` synchronous inferences after `warmup`;
     throughput: PERFORMANCE_HINT THROUGHPUT, as many parallel infer requests as the plugin suggests, images/s of
-    2 x `runs` inferences after one warm-up round. Float layers run at the CPU's default precision, as deployed."""
+    2 x `runs` inferences after one warm-up round. Float layers run at the CPU's default precision, as deployed
+    (precision auto), or in FP32 (f32)."""
     ov = import_openvino("timing the OpenVINO model")
-    compiled, _ = compile_model(path, "auto", "LATENCY")
+    compiled, _ = compile_model(path, precision, "LATENCY")
     shape = [d if d > 0 else (1 if i == 0 else 640) for i, d in enumerate(compiled.input(0).get_partial_shape()
                                                                                 .get_min_shape())]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
@@ -151,7 +152,7 @@ def latency(path: Path, runs: int = 30, warmup: int = 5) -> Dict[str, Any]:
     out: Dict[str, Any] = {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
                            "runs": runs, "batch": shape[0], "imgsz": shape[2:], "hint": "LATENCY",
                            "precision": runtime_precision(compiled), "openvino": ov.__version__}
-    compiled, _ = compile_model(path, "auto", "THROUGHPUT")
+    compiled, _ = compile_model(path, precision, "THROUGHPUT")
     queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
     for _ in range(len(queue)):
         queue.start_async({0: x})
@@ -165,7 +166,7 @@ def latency(path: Path, runs: int = 30, warmup: int = 5) -> Dict[str, Any]:
     return out
 
 
-def latency_of_onnx(onnx_path: Path, runs: int = 20, warmup: int = 5) -> Dict[str, Any]:
+def latency_of_onnx(onnx_path: Path, runs: int = 20, warmup: int = 5, precision: str = "auto") -> Dict[str, Any]:
     """`latency` of what OpenVINO deploys from a Q/DQ or float ONNX: its IR (`<stem>_openvino_model/` if written,
     else converted into a temporary folder)."""
     import shutil
@@ -173,9 +174,9 @@ def latency_of_onnx(onnx_path: Path, runs: int = 20, warmup: int = 5) -> Dict[st
 
     folder = ir_folder(onnx_path)
     if (folder / f"{IR_NAME}.xml").is_file() and folder.stat().st_mtime >= Path(onnx_path).stat().st_mtime:
-        return latency(folder, runs, warmup)
+        return latency(folder, runs, warmup, precision)
     tmp = Path(tempfile.mkdtemp(prefix="act_openvino_"))
     try:
-        return latency(write_ir(onnx_path, tmp / "ir"), runs, warmup)
+        return latency(write_ir(onnx_path, tmp / "ir"), runs, warmup, precision)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -379,10 +379,16 @@ def _write_report(out: Path, summary, runner, log, student, teacher, family) -> 
         facts.append("kept in float by quant.skip auto: " + ", ".join(f"`{n}`" for n in summary["auto_skip"]["layers"]))
     elif cfg.quant.skip:
         facts.append("kept in float (quant.skip): " + ", ".join(f"`{n}`" for n in cfg.quant.skip))
-    par = (summary.get("onnx") or {}).get("parity")
-    if par:
-        facts.append(f"ONNX parity vs torch: rel L2 {par.get('rel_l2', float('nan')):.2e} "
-                     f"({'passed' if par.get('passed') else 'FAILED'})")
+    for where, par in (("ONNX in onnxruntime", (summary.get("onnx") or {}).get("parity")),
+                       ("OpenVINO IR" if (summary.get("openvino") or {}).get("required") else
+                        "OpenVINO (a check, not a deliverable)", (summary.get("openvino") or {}).get("parity"))):
+        if par:
+            branches = ", ".join(f"{k} {v:.2e}" for k, v in (par.get("branches") or {}).items())
+            facts.append(f"{where} vs the torch student: rel L2 {par.get('rel_l2', float('nan')):.2e}"
+                         + (f" (per branch: {branches})" if branches else "")
+                         + f" ({'passed' if par.get('passed') else 'FAILED'})")
+    if summary.get("onnx", {}).get("target"):
+        facts.append(f"export target: {summary['onnx']['target']}")
     captions = {"before_after": "Before / after (chart)", "curves": "Loss and metrics during training",
                 "ptq_probe": "PTQ probe", "sensitivity": "Quantization sensitivity (act analyze)"}
     md = [f"# {title}", ""] + [f"- {f}" for f in facts] + ["", "## Before / after", "", _md_table(table), ""]

@@ -1,5 +1,6 @@
 """Pruning, sparsity and staged runs on the real yolo11n-pose teacher (CPU, 160 px, packaged images)."""
 
+import importlib.util
 import json
 
 import onnx
@@ -207,6 +208,9 @@ def test_a_feature_map_whose_channels_cannot_be_followed_fails_before_training(t
     assert not (tmp_path / "stages/1_prune/last.pt").exists()
 
 
+OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
 def test_summary_reports_each_stage(staged):
     _, summary, out = staged
     on_disk = json.loads((out / "summary.json").read_text())
@@ -214,6 +218,8 @@ def test_summary_reports_each_stage(staged):
     for r in on_disk["stages"]:
         assert r["cost"]["macs"] > 0 and r["cost"]["params"] > 0 and r["cost"]["imgsz"] == 160
         assert r["latency"]["onnxruntime_cpu"]["median_ms"] > 0 and r["latency"]["onnxruntime_cpu"]["batch"] == 1
+        if OPENVINO:  # beside onnxruntime: what OpenVINO's fused INT8 kernels (FP32 for the prune stage) take
+            assert r["latency"]["openvino_cpu"]["median_ms"] > 0 and r["latency"]["openvino_cpu"]["hint"] == "LATENCY"
         assert "fidelity_pose_map50_95" in r["metrics"]["best"]  # label-free metrics per stage
     assert json.loads((out / "stages.json").read_text())["done"] == ["prune", "quant"]
     for d in ("1_prune", "2_quant"):

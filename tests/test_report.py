@@ -1,6 +1,8 @@
 """The run report (report.md + report.html + PNGs + TensorBoard figures) of `auto` runs that stopped after PTQ and
 after QAT, and `act report RUN_DIR`."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,6 +31,8 @@ def test_report_renders(auto_runs, which, expected):
     assert teacher["gmacs"] > 0 and student["gmacs"] == pytest.approx(teacher["gmacs"], rel=1e-3)
     assert student["weights_mb"] < 0.5 * teacher["weights_mb"]  # INT8 weights
     assert teacher["latency_ms"] > 0 and student["latency_ms"] > 0
+    if importlib.util.find_spec("openvino") is not None:  # OpenVINO CPU latency beside onnxruntime's
+        assert teacher["openvino_ms"] > 0 and student["openvino_ms"] > 0 and "OpenVINO CPU ms" in md
     assert 0 < student["fidelity_pose_map50_95"] <= 1 and teacher["fidelity_pose_map50_95"] == 1.0
 
 

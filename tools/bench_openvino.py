@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""act's INT8 model in OpenVINO beside its peer, Ultralytics' own OpenVINO INT8 export (NNCF), on this CPU:
+dev-val pose / box mAP and OpenVINO latency in one table.
+
+    python tools/bench_openvino.py --data ../shared/data/coco-pose-mini --out results/openvino \\
+        --act runs/qat_cpu_s0 runs/qat_cpu_s1 --ptq --nncf
+
+Rows:
+  teacher FP32            the teacher (torch, and its FP32 ONNX in OpenVINO: latency at FP32 and at the CPU's default
+                          float precision, bf16 on AVX512-BF16 / AMX CPUs)
+  act PTQ (target T)      `--ptq`: `act ptq` on the pool (its recipe's ptq settings), for export.target tensorrt and
+                          cpu; the ONNX in onnxruntime, the cpu model's IR in OpenVINO
+  act <run>               `--act RUN ...`: finished act runs (e.g. the QAT recipe with export.target=cpu): their
+                          student.onnx in onnxruntime and student_openvino_model/ in OpenVINO (written if missing)
+  Ultralytics NNCF INT8   `--nncf`: `YOLO(teacher).export(format='openvino', int8=True, data=<pool>, split='train')`,
+                          calibrated on the same unlabeled pool images act distills on
+mAP: `act.artifacts.evaluate_artifacts` (Ultralytics' validators, square letterbox, every model alike). Latency:
+OpenVINO CPU, batch 1, LATENCY hint, median of --runs after warm-up, the fastest of --rounds interleaved rounds (this
+VM's timings swing); throughput with the THROUGHPUT hint. Writes OUT/bench_openvino.md and .json after every row
+(`--resume` keeps the rows already there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+COLUMNS = [("row", "model"), ("runtime", "runtime"), ("pose_map50_95", "pose mAP50-95"), ("pose_map50", "pose mAP50"),
+           ("box_map50_95", "box mAP50-95"), ("ov_ms", "OpenVINO ms (b1, LATENCY)"),
+           ("ov_vs_teacher", "vs teacher FP32 ms"), ("ov_images_per_s", "OpenVINO img/s (THROUGHPUT)"),
+           ("precision", "float layers")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/coco-pose-mini"), help="coco-pose-mini folder")
+    p.add_argument("--out", default="results/openvino")
+    p.add_argument("--teacher", default="yolo11n-pose")
+    p.add_argument("--config", default=str(ROOT / "configs/yolo11n_pose_qat_mini.yaml"), help="recipe for --ptq")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--act", nargs="*", default=[], help="finished act run folders to score")
+    p.add_argument("--ptq", action="store_true", help="run `act ptq` for both targets (CPU, a few minutes)")
+    p.add_argument("--ptq-images", type=int, default=None, help="default: the recipe's ptq.num_images")
+    p.add_argument("--nncf", action="store_true", help="Ultralytics' OpenVINO INT8 export (needs nncf)")
+    p.add_argument("--nncf-fraction", type=float, default=1.0, help="share of the pool NNCF calibrates on")
+    p.add_argument("--max-images", type=int, default=None, help="val images (default all)")
+    p.add_argument("--runs", type=int, default=30, help="timed inferences per latency round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds; the fastest is kept")
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = Path(args.data)
+        self.data_dir = (data.parent if data.suffix in (".yaml", ".yml") else data).resolve()
+        # a data yaml with an absolute path: Ultralytics resolves a relative one against its own datasets folder
+        self.data_yaml = self.out / "data.yaml"
+        self.data_yaml.write_text(f"path: {self.data_dir}\ntrain: images/train\nval: images/val\n"
+                                  f"kpt_shape: [17, 3]\nflip_idx: [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, "
+                                  f"16, 15]\nnames:\n  0: person\n")
+        self.rows: List[Dict[str, Any]] = []
+        self.latency_models: Dict[str, tuple] = {}  # row -> (path, precision)
+        js = self.out / "bench_openvino.json"
+        if args.resume and js.is_file():
+            self.rows = json.loads(js.read_text())["rows"]
+
+    def done(self, name: str) -> bool:
+        return any(r["row"] == name and "pose_map50_95" in r for r in self.rows)
+
+    def save(self) -> None:
+        from act.artifacts import markdown_table
+
+        (self.out / "bench_openvino.json").write_text(json.dumps({"settings": vars(self.args), "rows": self.rows},
+                                                                 indent=2, default=str))
+        (self.out / "bench_openvino.md").write_text(markdown_table(self.rows, COLUMNS) + "\n")
+
+    def evaluate(self, name: str, model: str, runtime: str, latency=None) -> None:
+        """One row: dev-val mAP of `model`; latency: (path, precision) timed in OpenVINO with the others."""
+        from act.artifacts import evaluate_artifacts
+
+        if latency:
+            self.latency_models[name] = latency
+        if self.done(name):
+            return
+        t = time.time()
+        row = evaluate_artifacts([model], data=str(self.data_yaml), imgsz=self.args.imgsz, batch=16,
+                                 max_images=self.args.max_images, device="cpu")[0]
+        keep = {k: row[k] for k in ("pose_map50_95", "pose_map50", "box_map50_95") if k in row}
+        self.rows = [r for r in self.rows if r["row"] != name]
+        self.rows.append({"row": name, "runtime": runtime, "model": model, **keep, "eval_s": round(time.time() - t)})
+        print(f"bench: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in keep.items()), flush=True)
+        self.save()
+
+    # ---- models ----------------------------------------------------------------------------------------------
+    def teacher(self) -> None:
+        from act.build import load_frozen
+        from act.export import export_onnx
+
+        model, family, src = load_frozen(self.args.teacher)
+        self.teacher_pt = Path(src.path)
+        onnx_path = export_onnx(model, self.out / "teacher.onnx", family, self.args.imgsz)
+        self.evaluate("teacher FP32", self.args.teacher, "torch")
+        self.latency_models["teacher FP32 (f32)"] = (onnx_path, "f32")
+        self.latency_models["teacher FP32 (CPU default precision)"] = (onnx_path, "auto")
+
+    def ptq(self) -> None:
+        for target in ("tensorrt", "cpu"):
+            run = self.out / "runs" / f"ptq_{target}"
+            if not (run / "student.onnx").is_file():
+                over = [f"data.train={self.data_yaml}", f"data.imgsz={self.args.imgsz}", "eval.data=null",
+                        "eval.metric=null", "train.device=cpu", f"export.target={target}", f"output_dir={run}",
+                        "report.enabled=false", "data.workers=2"]
+                if self.args.ptq_images:
+                    over.append(f"ptq.num_images={self.args.ptq_images}")
+                subprocess.run([sys.executable, "-m", "act", "ptq", "--config", self.args.config, "--exist-ok", *over],
+                               check=True, cwd=ROOT)
+            self.evaluate(f"act PTQ (target {target})", str(run / "student.onnx"), "onnxruntime")
+            if target == "cpu":
+                self.act_openvino(f"act PTQ (target {target})", run)
+
+    def act_openvino(self, name: str, run: Path) -> None:
+        from act import openvino
+
+        ir = run / "student_openvino_model"
+        if not (ir / "student.xml").is_file():
+            openvino.write_ir(run / "student.onnx", ir)
+        self.evaluate(f"{name}", str(ir), "openvino", latency=(ir, "auto"))
+
+    def runs(self) -> None:
+        for run in map(Path, self.args.act):
+            label = f"act {run.name}"
+            self.evaluate(label, str(run / "student.onnx"), "onnxruntime")
+            self.act_openvino(label, run)
+
+    def nncf(self) -> None:
+        from ultralytics import YOLO
+
+        folder = self.out / "nncf" / "yolo11n-pose_int8_openvino_model"
+        if not (folder / "metadata.yaml").is_file():
+            work = self.out / "nncf"
+            work.mkdir(parents=True, exist_ok=True)
+            pt = work / "yolo11n-pose.pt"
+            shutil.copy(self.teacher_pt, pt)
+            made = YOLO(str(pt)).export(format="openvino", int8=True, data=str(self.data_yaml), split="train",
+                                        imgsz=self.args.imgsz, batch=1, fraction=self.args.nncf_fraction)
+            folder = Path(made)
+        self.evaluate("Ultralytics OpenVINO INT8 (NNCF)", str(folder), "openvino", latency=(folder, "auto"))
+
+    # ---- latency ---------------------------------------------------------------------------------------------
+    def latency(self) -> None:
+        from act import openvino
+
+        best: Dict[str, Dict[str, Any]] = {}
+        for _ in range(self.args.rounds):  # interleaved: every model once per round
+            for name, (path, precision) in self.latency_models.items():
+                lat = openvino.latency(path, runs=self.args.runs, precision=precision)
+                if name not in best or lat["median_ms"] < best[name]["median_ms"]:
+                    best[name] = lat
+        ref = best.get("teacher FP32 (f32)", {}).get("median_ms")
+        for name, lat in best.items():
+            row = next((r for r in self.rows if r["row"] == name), None)
+            if row is None:  # the teacher's ONNX rows: latency only (its accuracy is the torch row)
+                row = {"row": name, "runtime": "openvino"}
+                self.rows.append(row)
+            row.update(ov_ms=lat["median_ms"], ov_images_per_s=lat["throughput_images_per_s"],
+                       precision=lat["precision"], ov_vs_teacher=round(lat["median_ms"] / ref, 3) if ref else None)
+        self.save()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    b = Bench(args)
+    b.teacher()
+    if args.ptq:
+        b.ptq()
+    b.runs()
+    if args.nncf:
+        b.nncf()
+    b.latency()
+    print((b.out / "bench_openvino.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
