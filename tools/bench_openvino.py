@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--ptq", action="store_true", help="run `act ptq` for both targets (CPU, a few minutes)")
     p.add_argument("--ptq-images", type=int, default=None, help="default: the recipe's ptq.num_images")
     p.add_argument("--nncf", action="store_true", help="Ultralytics' OpenVINO INT8 export (needs nncf)")
+    p.add_argument("--before", action="store_true", help="also the tensorrt-target PTQ ONNX read by OpenVINO as is "
+                                                         "(signed-int8 activations: the state before export.target)")
+    p.add_argument("--tensorrt-in-openvino", action="store_true",
+                   help="also the tensorrt-target PTQ model's OpenVINO IR (8-bit weights: exact only on VNNI CPUs)")
     p.add_argument("--nncf-fraction", type=float, default=1.0, help="share of the pool NNCF calibrates on")
     p.add_argument("--max-images", type=int, default=None, help="val images (default all)")
     p.add_argument("--runs", type=int, default=30, help="timed inferences per latency round")
@@ -129,9 +133,11 @@ class Bench:
                     over.append(f"ptq.num_images={self.args.ptq_images}")
                 subprocess.run([sys.executable, "-m", "act", "ptq", "--config", self.args.config, "--exist-ok", *over],
                                check=True, cwd=ROOT)
-            self.evaluate(f"act PTQ (target {target})", str(run / "student.onnx"), "onnxruntime")
-            if target == "cpu":
+            self.evaluate(f"act PTQ (target {target}), ONNX", str(run / "student.onnx"), "onnxruntime")
+            if target == "cpu" or self.args.tensorrt_in_openvino:
                 self.act_openvino(f"act PTQ (target {target})", run)
+            if target == "tensorrt" and self.args.before:
+                self.before_fix(run)
 
     def act_openvino(self, name: str, run: Path) -> None:
         from act import openvino
@@ -139,12 +145,31 @@ class Bench:
         ir = run / "student_openvino_model"
         if not (ir / "student.xml").is_file():
             openvino.write_ir(run / "student.onnx", ir)
-        self.evaluate(f"{name}", str(ir), "openvino", latency=(ir, "auto"))
+        self.evaluate(f"{name}, OpenVINO IR", str(ir), "openvino", latency=(ir, "auto"))
+
+    def before_fix(self, run: Path) -> None:
+        """The tensorrt-target ONNX as OpenVINO reads it unchanged (signed-int8 activations): what act delivered
+        before export.target cpu existed."""
+        import openvino as ov
+        import yaml
+
+        from act import openvino
+
+        ir = run / "unchanged_openvino_model"
+        if not (ir / "student.xml").is_file():
+            ir.mkdir(parents=True, exist_ok=True)
+            ov.save_model(ov.convert_model(str(run / "student.onnx")), str(ir / "student.xml"), compress_to_fp16=False)
+            import onnx
+
+            meta = openvino.onnx_metadata(onnx.load(str(run / "student.onnx")))
+            (ir / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        self.evaluate("act PTQ (target tensorrt), its ONNX read by OpenVINO as is (before the fix)", str(ir),
+                      "openvino")
 
     def runs(self) -> None:
         for run in map(Path, self.args.act):
             label = f"act {run.name}"
-            self.evaluate(label, str(run / "student.onnx"), "onnxruntime")
+            self.evaluate(f"{label}, ONNX", str(run / "student.onnx"), "onnxruntime")
             self.act_openvino(label, run)
 
     def nncf(self) -> None:
