@@ -1,4 +1,10 @@
-"""act: auto-compression for Ultralytics YOLO. Label-free distillation QAT to a TensorRT-ready Q/DQ ONNX."""
+"""act: auto-compression for Ultralytics YOLO. Label-free distillation QAT to an INT8 Q/DQ ONNX for TensorRT or OpenVINO.
+
+The package is layered; each subpackage imports only from those listed before it (docs/architecture.md,
+tests/test_architecture.py): `core` (config, errors, registries, the model-family protocol), `blocks` (quantization,
+distillation, pruning, data, metrics), `deploy` (ONNX export, TensorRT, OpenVINO, the Q/DQ linter), `run` (one run:
+Trainer, PTQ, delivery, report), `orchestrate` (stages, strategy auto, analysis, AutoCompression), `cli`. The model
+families (`families/`) and the teacher registry (`teachers/`) sit between the core and the blocks."""
 
 import os as _os
 
@@ -9,15 +15,19 @@ _os.environ.setdefault("YOLO_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
-# The public names load on first use (PEP 562), so that `import act.errors` / `import act.family` (which teachers/ and
-# families/ do) never pull in act.compress, which imports teachers: `import teachers` before `import act` must work.
+from act.core import renamed as _renamed  # noqa: E402 (checkpoints pickled before the layer packages still load)
+
+_renamed.install()
+
+# The public names load on first use (PEP 562), so that `import act.core.errors` / `import act.core.family` (which teachers/ and
+# families/ do) never pull in act.orchestrate.compress, which imports teachers: `import teachers` before `import act` must work.
 _LAZY = {
-    "AutoCompression": "act.compress",
-    "PostTrainingQuantization": "act.ptq",
-    "RunConfig": "act.config",
-    "load_config": "act.config",
-    "quantize": "act.quant",
-    "calibrate": "act.quant",
+    "AutoCompression": "act.orchestrate.compress",
+    "PostTrainingQuantization": "act.run.ptq",
+    "RunConfig": "act.core.config",
+    "load_config": "act.core.config",
+    "quantize": "act.blocks.quant",
+    "calibrate": "act.blocks.quant",
 }
 
 __all__ = ["AutoCompression", "PostTrainingQuantization", "RunConfig", "load_config", "quantize", "calibrate",

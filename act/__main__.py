@@ -1,3 +1,3 @@
-from act.cli import main
+from act.cli.main import main
 
 raise SystemExit(main())

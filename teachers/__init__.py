@@ -1,6 +1,6 @@
 """Where teachers come from: the registry of teacher names (registry.yaml) and `resolve_teacher(name, family)`, which
 turns a config's `model.teacher` (and `model.family`) into a local file and the name of the model family that loads
-it. Everything about the model itself is the family's (act/family.py; the built-in ones in families/).
+it. Everything about the model itself is the family's (act/core/family.py; the built-in ones in families/).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Dict, Optional
 
 import yaml
 
-from act.errors import ModelError
-from act.family import DEFAULT, families, family_named
+from act.core.errors import ModelError
+from act.core.family import DEFAULT, families, family_named
 
 REGISTRY_FILE = Path(__file__).with_name("registry.yaml")
 
@@ -25,7 +25,7 @@ class TeacherSource:
     name: str
     path: Path
     kind: str  # "pt" (trained checkpoint) or "yaml" (architecture, random weights)
-    family: str = DEFAULT  # the act.family registry name of the family that loads it
+    family: str = DEFAULT  # the act.core.family registry name of the family that loads it
 
 
 def registry() -> Dict[str, dict]:
@@ -51,7 +51,7 @@ def resolve_teacher(name: str, family: str = "auto") -> TeacherSource:
     (unless the user set YOLO_OFFLINE); else ModelError says where to put it.
 
     family: `model.family`; 'auto' takes the registry entry's family (a file: the default family), else the family
-    named (which must be registered: act.family.register_family)."""
+    named (which must be registered: act.core.family.register_family)."""
     if family != "auto":
         family_named(family)  # raises ModelError naming the registered families
     fixed = None if family == "auto" else family

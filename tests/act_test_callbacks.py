@@ -2,7 +2,7 @@
 
 import torch
 
-from act.data import load_images, resolve_source
+from act.blocks.data import load_images, resolve_source
 
 
 def output_energy(model, context):

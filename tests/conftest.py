@@ -22,7 +22,7 @@ def teacher_path():
 
 @pytest.fixture(scope="session")
 def assets_dir():
-    from act.data import _pkg_folder
+    from act.blocks.data import _pkg_folder
 
     return _pkg_folder("pkg:ultralytics/assets")
 
@@ -48,7 +48,7 @@ def interrupt_at_step(monkeypatch, n: int, cls=None):
     """Make the n-th training step of this process (1-based) raise KeyboardInterrupt, as a Ctrl-C inside a step.
     Returns the real train_step, to put back with monkeypatch.setattr(cls, "train_step", real)."""
     if cls is None:
-        from act.trainer import Trainer as cls
+        from act.run.trainer import Trainer as cls
     calls = {"n": 0}
     real = cls.train_step
 
@@ -101,8 +101,8 @@ def auto_runs(tmp_path_factory):
     'tight' (PTQ misses the target -> QAT, which stops early at its first eval where the looser QAT target holds)."""
     if not (SHARED / "images" / "val").is_dir():
         pytest.skip(f"coco-pose-mini not found at {SHARED}")
-    from act.strategy import run_strategy
-    from act.config import validate_config
+    from act.orchestrate.strategy import run_strategy
+    from act.core.config import validate_config
 
     base = tmp_path_factory.mktemp("auto")
     loose = validate_config(mini_config(

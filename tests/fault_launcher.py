@@ -38,9 +38,9 @@ def main():
 
     import torch
 
-    from act.cli import main as act_main
-    from act.trainer import Trainer
-    from act.distill import DistillLoss
+    from act.cli.main import main as act_main
+    from act.run.trainer import Trainer
+    from act.blocks.distill import DistillLoss
 
     state = {"step": 0}
     real_step = Trainer.train_step
@@ -66,8 +66,8 @@ def main():
         import io
         import signal
 
-        import act.checkpoint as ckpt_mod
-        from act.fileio import atomic_write
+        import act.blocks.checkpoint as ckpt_mod
+        from act.core.fileio import atomic_write
 
         real_save = ckpt_mod.atomic_torch_save
         saves = {"n": 0}

@@ -19,7 +19,7 @@ def make_images(folder: Path, n: int = 6, size: int = 128) -> Path:
     """`n` distinct small JPEGs cut from the two images Ultralytics ships (crops, flips)."""
     import cv2
 
-    from act.data import _pkg_folder
+    from act.blocks.data import _pkg_folder
 
     folder.mkdir(parents=True, exist_ok=True)
     src = [cv2.imread(str(p)) for p in sorted(_pkg_folder("pkg:ultralytics/assets").glob("*.jpg"))]
@@ -97,7 +97,7 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 240) -> 
 
 
 def state_of(path: Path) -> Dict:
-    from act.checkpoint import load_checkpoint
+    from act.blocks.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -124,8 +124,8 @@ def assert_same_state(a: Path, b: Path) -> None:
 def inject_nan(monkeypatch, nan_loss=(), nan_grad=()):
     """Make the loss (or, through a backward hook, the gradient) NaN at the given 1-based training steps of this
     process. Returns the step counter dict."""
-    from act.trainer import Trainer
-    from act.distill import DistillLoss
+    from act.run.trainer import Trainer
+    from act.blocks.distill import DistillLoss
 
     state = {"step": 0}
     real_step, real_loss = Trainer.train_step, DistillLoss.forward
@@ -149,7 +149,7 @@ def inject_nan(monkeypatch, nan_loss=(), nan_grad=()):
 
 def cli(args, capsys=None, capfd=None):
     """act's CLI in this process: (exit code, stdout, stderr)."""
-    from act.cli import main
+    from act.cli.main import main
 
     try:
         code = main([str(a) for a in args])

@@ -23,10 +23,10 @@ atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 @functools.lru_cache(maxsize=None)
 def models():
     """(teacher, family, config, placed + calibrated student, images)."""
-    from act import quant as Q
-    from act.build import build_student, load_frozen
-    from act.config import load_config
-    from act.data import load_images, resolve_source
+    from act.blocks import quant as Q
+    from act.run.build import build_student, load_frozen
+    from act.core.config import load_config
+    from act.blocks.data import load_images, resolve_source
 
     cfg = load_config(raw=tiny_config(WORK / "run", quant={"skip": SKIP}))
     teacher, family, _ = load_frozen("yolo11n-pose")
@@ -39,7 +39,7 @@ def models():
 
 @functools.lru_cache(maxsize=None)
 def exported(simplify: bool = True, dynamic: bool = False) -> Path:
-    from act.export import export_onnx
+    from act.deploy.export import export_onnx
 
     _, family, cfg, student, _ = models()
     name = f"student_{'slim' if simplify else 'raw'}{'_dyn' if dynamic else ''}.onnx"

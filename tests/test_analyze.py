@@ -21,7 +21,7 @@ LAYERS = ["model.0.conv", "model.23.cv3.*", "model.23.cv4.*"]
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory):
-    from act.analyze import Analysis
+    from act.orchestrate.analyze import Analysis
 
     out = tmp_path_factory.mktemp("analyze")
     an = Analysis(mini_config(out, analyze={"images": 8, "layers": LAYERS}))
@@ -31,8 +31,8 @@ def analysis(tmp_path_factory):
 
 def _val_probe(an, n=16):
     """A probe on labeled-split images: never seen by the calibration (train pool) nor the analysis (held-out)."""
-    from act.analyze import FidelityProbe
-    from act.data import _from_yaml, load_letterboxed
+    from act.orchestrate.analyze import FidelityProbe
+    from act.blocks.data import _from_yaml, load_letterboxed
 
     images, _ = load_letterboxed(_from_yaml(DATA_YAML, "val")[:n], 160)
     r = an.runner
@@ -41,7 +41,7 @@ def _val_probe(an, n=16):
 
 def test_ranking_and_outputs(analysis):
     an, res, out = analysis
-    from act.quant import matches_any, quantized_modules
+    from act.blocks.quant import matches_any, quantized_modules
 
     expected = [n for n in quantized_modules(an.student) if matches_any(n, LAYERS)]
     assert sorted(r["name"] for r in res.layers) == sorted(expected) and len(expected) >= 20
@@ -58,7 +58,7 @@ def test_ranking_and_outputs(analysis):
     im = np.asarray(Image.open(out / "sensitivity.png").convert("RGB")).astype(float)
     assert im.shape[0] > 300 and im.shape[1] > 600 and im.std() > 5
     # the student is left as it was: every quantizer on, float weights back
-    from act.analyze import LayerToggle
+    from act.orchestrate.analyze import LayerToggle
 
     tog = LayerToggle(an.student)
     for n, m in tog.layers.items():
@@ -67,7 +67,7 @@ def test_ranking_and_outputs(analysis):
 
 
 def test_top_layer_in_float_beats_random_layers_on_unseen_images(analysis):
-    from act.analyze import LayerToggle
+    from act.orchestrate.analyze import LayerToggle
 
     an, res, _ = analysis
     probe = _val_probe(an)
@@ -93,8 +93,8 @@ def test_top_layer_in_float_beats_random_layers_on_unseen_images(analysis):
 
 
 def test_skip_auto_budget(analysis):
-    from act.analyze import FidelityProbe, LayerToggle, choose_skip
-    from act.config import AutoSkipConfig, TargetConfig
+    from act.orchestrate.analyze import FidelityProbe, LayerToggle, choose_skip
+    from act.core.config import AutoSkipConfig, TargetConfig
 
     an, res, _ = analysis
     pick = choose_skip(res, AutoSkipConfig(max_layers=2))
@@ -136,7 +136,7 @@ def test_skip_auto_budget(analysis):
 def test_cli_analyze_bad_layer_glob_exits_2(tmp_path, capsys):
     import yaml
 
-    from act.cli import main
+    from act.cli.main import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(mini_config(tmp_path / "out", analyze={"layers": ["model.999.*"]},

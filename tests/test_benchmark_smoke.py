@@ -23,7 +23,7 @@ def _benchmark():
 
 
 def test_quick_benchmark(tmp_path, monkeypatch):
-    from act.errors import ActError
+    from act.core.errors import ActError
     from teachers import resolve_teacher
 
     try:

@@ -1,4 +1,4 @@
-"""PTQ calibrators (act.quant.calib) on synthetic histograms and a tiny quantized net: no data, no teacher."""
+"""PTQ calibrators (act.blocks.quant.histograms) on synthetic histograms and a tiny quantized net: no data, no teacher."""
 
 from collections import Counter
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from act import quant as Q
-from act.errors import ActError
-from act.quant.calib import amax_from_histogram, calibrate_ranges, get_ranges, set_ranges
+from act.blocks import quant as Q
+from act.core.errors import ActError
+from act.blocks.quant.histograms import amax_from_histogram, calibrate_ranges, get_ranges, set_ranges
 
 
 def _gauss_hist(bins=512, outliers=20, seed=0):

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from act import AutoCompression
-from act.trainer import Trainer
-from act.checkpoint import load_checkpoint
-from act.export import qdq_summary
-from act.quant import QuantConv2d, quantized_modules
+from act.run.trainer import Trainer
+from act.blocks.checkpoint import load_checkpoint
+from act.deploy.export import qdq_summary
+from act.blocks.quant import QuantConv2d, quantized_modules
 from conftest import cli_env, interrupt_at_step, tiny_config
 
 
@@ -99,7 +99,7 @@ def test_resume_continues_where_last_pt_stopped(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, export={"onnx": False})
     ac = AutoCompression(cfg)
     real_step = interrupt_at_step(monkeypatch, 4)
-    from act.errors import ActError
+    from act.core.errors import ActError
 
     with pytest.raises(ActError, match="--resume"):
         ac.run()
@@ -124,7 +124,7 @@ def test_onnx_has_qdq_on_every_quantized_conv_and_matches_torch(run):
     weights = {i.name for i in g.initializer}
     assert len([n for n in qnodes if n.input[0] in weights]) == summary["quantized_layers"]  # one per conv weight
     # activations: one Q per conv input, plus the Concat / residual Add / Upsample inputs that the TensorRT placement
-    # quantizes (act.quant.placement), less the pairs onnxslim merges (one tensor, one scale, one Q)
+    # quantizes (act.blocks.quant.placement), less the pairs onnxslim merges (one tensor, one scale, one Q)
     assert len(qnodes) > 2 * summary["quantized_layers"]
     assert summary["onnx"]["lint"]["clean"], summary["onnx"]["lint"]
     assert summary["placement"]["shared_groups"] > 0
@@ -168,7 +168,7 @@ def test_cli_bad_config_exits_2_with_key_path(tmp_path):
 def test_a_metric_with_nothing_evaluated_fails_before_training(tmp_path):
     """eval.metric picks best.pt; with every evaluation off best.pt would never be written and the run would end in
     'checkpoint not found'. It fails at setup instead, saying what to change; eval.metric=null keeps the last."""
-    from act.errors import ConfigError
+    from act.core.errors import ConfigError
 
     off = {"data": None, "fidelity": {"enabled": False}}
     cfg = tiny_config(tmp_path / "bad", eval={**off, "metric": "fidelity_pose_map50_95"}, train={"iterations": 2})

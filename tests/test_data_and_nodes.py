@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from act.data import UnlabeledImages, collate, letterbox, resolve_source
-from act.errors import DataError
+from act.blocks.data import UnlabeledImages, collate, letterbox, resolve_source
+from act.core.errors import DataError
 
 
 def test_sources(tmp_path, assets_dir):
@@ -41,8 +41,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, assets_dir):
 
 
 def test_detect_model_has_six_nodes():
-    from act.distill import find_nodes
-    from act.family import family_named
+    from act.blocks.distill import find_nodes
+    from act.core.family import family_named
     from teachers import resolve_teacher
 
     src = resolve_teacher("yolov8n.yaml")
@@ -55,8 +55,8 @@ def test_detect_model_has_six_nodes():
 
 
 def test_losses_zero_when_equal_positive_otherwise():
-    from act.config import DistillConfig
-    from act.distill import DistillLoss, Node
+    from act.core.config import DistillConfig
+    from act.blocks.distill import DistillLoss, Node
 
     nodes = [Node("a", "box", 0), Node("b", "cls", 0), Node("c", "kpt", 0)]
     loss = DistillLoss(nodes, DistillConfig())
@@ -69,8 +69,8 @@ def test_losses_zero_when_equal_positive_otherwise():
 
 
 def test_teacher_score_weighting_spends_the_box_and_keypoint_loss_on_detected_objects():
-    from act.config import DistillConfig
-    from act.distill import DistillLoss, Node
+    from act.core.config import DistillConfig
+    from act.blocks.distill import DistillLoss, Node
 
     nodes = [Node("a", "box", 0), Node("b", "cls", 0), Node("c", "kpt", 0)]
     weighted = DistillLoss(nodes, DistillConfig(losses={"box": {"weighting": "teacher_score"},
@@ -98,9 +98,9 @@ def test_teacher_score_weighting_spends_the_box_and_keypoint_loss_on_detected_ob
 
 
 def test_feature_loss_compares_a_pruned_students_channels_with_the_teacher_channels_they_were_kept_from():
-    from act.config import DistillConfig
-    from act.distill import DistillLoss, Node
-    from act.errors import ActError
+    from act.core.config import DistillConfig
+    from act.blocks.distill import DistillLoss, Node
+    from act.core.errors import ActError
 
     torch.manual_seed(0)
     nodes = [Node("b", "cls", 0), Node("f", "feature", 0)]
@@ -137,7 +137,7 @@ def _solid_images(tmp_path, colours):
 
 
 def test_a_mosaic_sample_shows_four_pool_images_and_is_a_function_of_seed_pass_and_index(tmp_path):
-    from act.config.sections import AugmentConfig
+    from act.core.config.sections import AugmentConfig
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
     paths = _solid_images(tmp_path, colours)
@@ -160,7 +160,7 @@ def test_a_mosaic_sample_shows_four_pool_images_and_is_a_function_of_seed_pass_a
 
 
 def test_hsv_jitter_changes_colour_and_only_when_asked(tmp_path):
-    from act.config.sections import AugmentConfig
+    from act.core.config.sections import AugmentConfig
 
     paths = _solid_images(tmp_path, [(40, 120, 200)])
     base = UnlabeledImages(paths, 64, AugmentConfig(scale=(1.0, 1.0), flip=0.0), seed=0)[(0, 0)][0]
@@ -174,8 +174,8 @@ def test_hsv_jitter_changes_colour_and_only_when_asked(tmp_path):
 @pytest.mark.parametrize("key,value,expect", [("data.augment.hsv", "[0.1,2.0,0.4]", "gains in \\[0, 1\\]"),
                                               ("data.augment.mosaic", "1.5", "less than or equal to 1")])
 def test_bad_augmentation_values_fail_with_the_key_path(tmp_path, key, value, expect):
-    from act.config import load_config
-    from act.errors import ConfigError
+    from act.core.config import load_config
+    from act.core.errors import ConfigError
     from conftest import tiny_config
 
     with pytest.raises(ConfigError, match=f"{key}.*{expect}"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from act.checkpoint import load_checkpoint
+from act.blocks.checkpoint import load_checkpoint
 from conftest import cli_env, tiny_config
 
 

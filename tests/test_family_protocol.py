@@ -1,4 +1,4 @@
-"""The model-family protocol (act/family.py): a toy family defined here, registered with `register_family` alone,
+"""The model-family protocol (act/core/family.py): a toy family defined here, registered with `register_family` alone,
 runs `act compress` end to end; act/ imports no model library (ultralytics) itself."""
 
 import ast
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from act.errors import ModelError
-from act.family import (ModelFamily, default_family, family_for, family_named, families, register_family,
+from act.core.errors import ModelError
+from act.core.family import (ModelFamily, default_family, family_for, family_named, families, register_family,
                         unregister_family)
-from act.family_base import FamilyBase
+from act.core.family_base import FamilyBase
 
 REPO = Path(__file__).resolve().parents[1]
 REG_MAX = 16
@@ -150,7 +150,7 @@ def test_registry_claims_and_errors(toy_family):
 
 
 def test_resolve_teacher_names_the_family(toy_family, toy_teacher):
-    from act.build import load_frozen
+    from act.run.build import load_frozen
     from teachers import resolve_teacher
 
     assert resolve_teacher(str(toy_teacher)).family == "ultralytics-yolo"  # a file: the default family ...
@@ -164,12 +164,12 @@ def test_resolve_teacher_names_the_family(toy_family, toy_teacher):
 
 
 def test_toy_fidelity_through_the_family(toy_family, toy_teacher, toy_images):
-    """act.fidelity runs any family: the toy's letterbox and NMS, its own head branches as nodes."""
+    """act.blocks.fidelity runs any family: the toy's letterbox and NMS, its own head branches as nodes."""
     import copy
 
-    from act.distill import find_nodes
-    from act.fidelity import FidelityEvaluator
-    from act.build import load_frozen
+    from act.blocks.distill import find_nodes
+    from act.blocks.fidelity import FidelityEvaluator
+    from act.run.build import load_frozen
 
     teacher, fam, _ = load_frozen(str(toy_teacher), "toy")
     ev = FidelityEvaluator.from_paths(teacher, sorted(toy_images.iterdir()), 64, "detect",
@@ -184,7 +184,7 @@ def test_toy_fidelity_through_the_family(toy_family, toy_teacher, toy_images):
 def test_toy_family_compresses_end_to_end(toy_family, toy_teacher, toy_images, tmp_path):
     import onnx
 
-    from act.compress import AutoCompression
+    from act.orchestrate.compress import AutoCompression
 
     cfg = {
         "model": {"teacher": str(toy_teacher), "family": "toy"},
@@ -207,7 +207,7 @@ def test_toy_family_compresses_end_to_end(toy_family, toy_teacher, toy_images, t
 
 # ---- act/ imports no model library --------------------------------------------------------------------------------
 def test_act_imports_no_ultralytics():
-    """Everything Ultralytics lives in families/ultralytics; act/ reaches it through act.family only."""
+    """Everything Ultralytics lives in families/ultralytics; act/ reaches it through act.core.family only."""
     offenders = []
     for f in sorted((REPO / "act").rglob("*.py")):
         for node in ast.walk(ast.parse(f.read_text(), str(f))):

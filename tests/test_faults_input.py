@@ -23,7 +23,7 @@ def broken(tmp_path_factory):
 
 
 def test_inspect_image_uses_convertible_and_refuses_broken(broken):
-    from act.data import inspect_image
+    from act.blocks.data import inspect_image
 
     for kind, p in broken["used"].items():
         im, why = inspect_image(p)
@@ -181,12 +181,12 @@ def _apply(cfg, op, path, value):
 
 @pytest.fixture
 def fuzz_env(tmp_path, monkeypatch):
-    from act.trainer import Trainer
+    from act.run.trainer import Trainer
 
     def stop(self):
         raise _Valid
 
-    from act.ptq import PostTrainingQuantization
+    from act.run.ptq import PostTrainingQuantization
 
     monkeypatch.setattr(Trainer, "setup", stop)
     monkeypatch.setattr(PostTrainingQuantization, "setup", stop)  # strategy auto / ptq start with a PTQ setup

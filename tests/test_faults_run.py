@@ -118,7 +118,7 @@ def finished_copy(tmp_path, reference):
 
 
 def test_resume_with_changed_config_refused_with_diff_then_forced(tmp_path, finished_copy, capsys):
-    from act.cli import main
+    from act.cli.main import main
 
     cfg = str(finished_copy / "config.yaml")
     before = (finished_copy / "last.pt").read_bytes()
@@ -135,7 +135,7 @@ def test_resume_with_changed_config_refused_with_diff_then_forced(tmp_path, fini
 
 
 def test_output_dir_of_another_run_refused_unless_exist_ok(tmp_path, finished_copy, capsys):
-    from act.cli import main
+    from act.cli.main import main
 
     cfg = str(finished_copy / "config.yaml")
     before = (finished_copy / "last.pt").read_bytes()
@@ -149,7 +149,7 @@ def test_output_dir_of_another_run_refused_unless_exist_ok(tmp_path, finished_co
 
 
 def test_resume_without_a_run_refused(tmp_path, images, capsys):
-    from act.cli import main
+    from act.cli.main import main
 
     cfg = write_config(tmp_path / "c.yaml", fault_config(tmp_path / "empty_run", images))
     reg.bad_input("resume with nothing to resume")

@@ -47,7 +47,7 @@ def test_nan_loss_and_gradient_are_skipped_then_the_last_good_state_restored(tmp
 def test_nan_policy_on_the_sync_free_path(tmp_path, images, monkeypatch, capsys):
     """The CUDA/DDP step (no host sync: the GradScaler skips non-finite updates on the device, the policy runs on
     device-side counters at log steps), forced on CPU."""
-    from act.trainer import Trainer
+    from act.run.trainer import Trainer
 
     real = Trainer.setup_optimizer
 
@@ -85,7 +85,7 @@ def test_nan_without_end_stops_with_exit_4_and_keeps_best(tmp_path, images, monk
 
 
 def test_cuda_out_of_memory_names_a_batch_size_and_keeps_progress(tmp_path, images, monkeypatch, capsys):
-    from act.trainer import Trainer
+    from act.run.trainer import Trainer
 
     cfg = write_config(tmp_path / "c.yaml", fault_config(tmp_path / "run", images, 4, train={"checkpoint_every": 4}))
     real = Trainer.train_step
@@ -114,7 +114,7 @@ def test_cuda_out_of_memory_names_a_batch_size_and_keeps_progress(tmp_path, imag
 def test_write_error_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, images, monkeypatch, capsys, err_no):
     """The 2nd last.pt fails to write: disk full (fsync fails) or the folder turns read-only (a real read-only
     mount where possible)."""
-    from act.trainer import Trainer
+    from act.run.trainer import Trainer
 
     out_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", fault_config(out_dir, images, 6))
@@ -171,8 +171,8 @@ def test_read_only_output_dir_fails_before_any_work(tmp_path, images, monkeypatc
 @pytest.mark.parametrize("err_no", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO])
 def test_atomic_write_failure_leaves_the_old_file(tmp_path, monkeypatch, err_no):
     """Unit level, every way a write can fail mid-file (torch.save sees it as a RuntimeError from its writer)."""
-    from act.errors import ResourceError
-    from act.fileio import atomic_torch_save, atomic_write_bytes
+    from act.core.errors import ResourceError
+    from act.core.fileio import atomic_torch_save, atomic_write_bytes
 
     target = tmp_path / "student.onnx"
     target.write_bytes(b"old export")
@@ -209,10 +209,10 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path, monkeypatch, err_no)
 
 
 def test_collapsed_quantizer_ranges_are_detected():
-    from act.build import build_student, load_teacher
-    from act.config import load_config
-    from act.quant import calibrate, quantized_modules
-    from act.quant.health import collapsed_quantizers
+    from act.run.build import build_student, load_teacher
+    from act.core.config import load_config
+    from act.blocks.quant import calibrate, quantized_modules
+    from act.blocks.quant.health import collapsed_quantizers
     from conftest import tiny_config
 
     cfg = load_config(raw=tiny_config("unused"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from act.fidelity import coco_fidelity, node_fidelity
+from act.blocks.fidelity import coco_fidelity, node_fidelity
 
 NK = 17
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 import qdq_helpers as H
-from act.export import onnx_outputs, parity
-from act.lint import lint_onnx, module_path
+from act.deploy.export import onnx_outputs, parity
+from act.deploy.lint import lint_onnx, module_path
 from conftest import cli_env
 
 HEAD_CONV = "/model.23/cv2.0/cv2.0.2/Conv"  # last conv of the stride-8 box branch
@@ -89,10 +89,10 @@ def test_finds_zero_point_and_per_tensor_weight():
 
 def test_conv_only_placement_is_not_trt_clean(tmp_path):
     """The old placement (conv inputs only) leaves Concats in float: the linter says so."""
-    from act import quant as Q
-    from act.build import build_student
-    from act.config import load_config
-    from act.export import export_onnx
+    from act.blocks import quant as Q
+    from act.run.build import build_student
+    from act.core.config import load_config
+    from act.deploy.export import export_onnx
     from conftest import tiny_config
 
     teacher, family, _, _, images = H.models()
@@ -105,7 +105,7 @@ def test_conv_only_placement_is_not_trt_clean(tmp_path):
 
 
 def test_simplified_onnx_keeps_qdq_checker_and_parity():
-    from act.onnx_hygiene import int8_convs
+    from act.deploy.onnx_hygiene import int8_convs
 
     _, family, cfg, student, images = H.models()
     raw, slim = H.load(simplify=False), H.load()

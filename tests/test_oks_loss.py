@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from act.config import LossSpec
-from act.losses import dfl_distances, oks_keypoint_loss
+from act.blocks.losses import OKSLossSpec, dfl_distances, oks_keypoint_loss
 
 NK = 17
 SIGMAS = torch.tensor(np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89,
@@ -102,10 +101,10 @@ def test_matches_ultralytics_kpt_iou():
 
 def test_config_accepts_oks_on_kpt_and_refuses_it_elsewhere_before_training(tmp_path):
     from act import AutoCompression
-    from act.errors import ConfigError
+    from act.core.errors import ConfigError
     from conftest import tiny_config
 
-    assert LossSpec(type="oks", weighting="teacher_score").visibility_weight == 1.0
+    assert OKSLossSpec(type="oks", weighting="teacher_score").visibility_weight == 1.0
     bad = tiny_config(tmp_path / "bad", distill={"losses": {"box": {"type": "oks"}}}, export={"onnx": False})
     with pytest.raises(ConfigError, match="distill.losses.box.type: oks"):
         AutoCompression(bad).run()

@@ -50,7 +50,7 @@ def _cfg(out, target="cpu", **sections):
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    from act.ptq import PostTrainingQuantization
+    from act.run.ptq import PostTrainingQuantization
 
     out = tmp_path_factory.mktemp("ov") / "cpu"
     summary = PostTrainingQuantization(_cfg(out)).run()
@@ -63,7 +63,7 @@ def _concat_conv_graph(activation_dtype):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from act.onnx_hygiene import activations_as_uint8
+    from act.deploy.onnx_hygiene import activations_as_uint8
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
@@ -104,7 +104,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
 def test_signed_int8_activation_after_concat_is_what_openvino_misreads(tmp_path, dtype):
     """Cause 2: OpenVINO computes a signed-int8 activation Q/DQ after a Concat with scale 1 (measured 16% off on this
-    graph); the same values stored as uint8 with zero point 128 (act.onnx_hygiene.activations_as_uint8) are exact."""
+    graph); the same values stored as uint8 with zero point 128 (act.deploy.onnx_hygiene.activations_as_uint8) are exact."""
     import onnx
 
     path = tmp_path / f"{dtype}.onnx"
@@ -164,9 +164,9 @@ def _avx2_error(model_path):
 def test_eight_bit_weights_saturate_without_vnni_and_seven_bits_do_not(cpu_run, tmp_path):
     """Cause 1: on AVX2 without VNNI the first conv (image -> Q/DQ -> conv) of a full-range int8 student differs by
     ~70% in OpenVINO; the cpu target's 7-bit weights (quant.weight.range int7) make it exact."""
-    from act.checkpoint import load_checkpoint
-    from act.export import export_onnx
-    from act.family import family_for
+    from act.blocks.checkpoint import load_checkpoint
+    from act.deploy.export import export_onnx
+    from act.core.family import family_for
 
     out, _ = cpu_run
     student = load_checkpoint(out / "ptq.pt")["model"].float().eval()
@@ -189,7 +189,7 @@ def test_cpu_target_student_matches_in_openvino_per_branch(cpu_run):
     assert ov["required"] and ov["path"] == str(out / "student_openvino_model")
     par = ov["parity"]
     assert par["passed"] and set(par["branches"]) == {"box", "cls", "kpt"}
-    assert par["branches"]["box"] < 0.05 and par["branches"]["kpt"] < 0.05 and par["branches"]["cls"] < 0.2
+    assert par["branches"]["box"] < 0.05 and par["branches"]["kpt"] < 0.05 and par["branches"]["cls"] < 0.1
     ort_par = s["onnx"]["parity"]
     assert ort_par["passed"] and set(ort_par["branches"]) == {"box", "cls", "kpt"}
     assert s["onnx"]["lint"]["clean"] and s["onnx"]["lint"]["target"] == "cpu"
@@ -197,17 +197,20 @@ def test_cpu_target_student_matches_in_openvino_per_branch(cpu_run):
 
 def test_openvino_equals_onnxruntime_on_real_images(cpu_run):
     """The delivered IR against onnxruntime on the same letterboxed images, per branch (f32 float layers)."""
-    from act import openvino as act_ov
-    from act.data import load_images, resolve_source
-    from act.export import onnx_outputs
-    from act.family import default_family
+    from act.deploy import openvino as act_ov
+    from act.blocks.data import load_images, resolve_source
+    from act.deploy.export import onnx_outputs
+    from act.core.family import default_family
 
     out, _ = cpu_run
     images = load_images(resolve_source(_pool())[:4], IMGSZ, default_family().letterbox)
     ref = onnx_outputs(out / "student.onnx", images)
     got, info = act_ov.outputs(out / "student_openvino_model", images, "f32")
-    for name, sl in {"box": slice(0, 4), "cls": slice(4, 5), "kpt": slice(5, None)}.items():
-        assert _rel(ref[:, sl], got[:, sl]) < {"box": 0.05, "cls": 0.2, "kpt": 0.05}[name], name
+    from act.deploy.export import compare
+
+    res = compare("openvino", ref, got, {"box": slice(0, 4), "cls": slice(4, 5), "kpt": slice(5, None)},
+                  {"box": 0.05, "cls": 0.1, "kpt": 0.05})
+    assert res["passed"], res["branches"]
     assert ref[:, 4].max() > 0.3 and got[:, 4].max() > 0.3  # the class branch lives (it was 0.004 before the fix)
 
 
@@ -240,15 +243,15 @@ def test_summary_has_openvino_latency_of_teacher_and_student(cpu_run):
 
 def test_lint_cpu_rules(cpu_run, tmp_path):
     """The cpu target's linter flags int8 activations and 8-bit weights; the tensorrt rules flag uint8."""
-    from act.lint import lint_onnx
+    from act.deploy.lint import lint_onnx
 
     out, _ = cpu_run
     assert lint_onnx(out / "student.onnx").clean  # cpu, from the file's metadata
     trt = lint_onnx(out / "student.onnx", target="tensorrt")
     assert not trt.clean and {f.code for f in trt.errors} == {"zero_point"}
-    from act.checkpoint import load_checkpoint
-    from act.export import export_onnx
-    from act.family import family_for
+    from act.blocks.checkpoint import load_checkpoint
+    from act.deploy.export import export_onnx
+    from act.core.family import family_for
 
     student = load_checkpoint(out / "ptq.pt")["model"].float().eval()
     trt_onnx = export_onnx(student, tmp_path / "trt.onnx", family_for(student), IMGSZ, simplify=True)  # tensorrt
@@ -266,8 +269,8 @@ def test_act_export_format_openvino(cpu_run, tmp_path):
     """`act export RUN --format openvino` (a tensorrt-target run): the IR, checked per branch, in export.json."""
     import shutil
 
-    from act.deploy import export
-    from act.ptq import PostTrainingQuantization
+    from act.cli.export_command import export
+    from act.run.ptq import PostTrainingQuantization
 
     out = tmp_path / "trt"
     PostTrainingQuantization(_cfg(out, target="tensorrt", report={"enabled": False},
@@ -289,8 +292,8 @@ def test_act_export_format_openvino(cpu_run, tmp_path):
 def test_dead_class_branch_fails_parity_naming_branch_and_runtime():
     """A class branch that collapses (as it did in OpenVINO: max score 0.78 -> 0.004) is 1 of 56 channels: the whole
     output's relative L2 stays under its 3% bound, the per-branch check fails and says where."""
-    from act.errors import ParityError
-    from act.export import compare, parity_message
+    from act.core.errors import ParityError
+    from act.deploy.export import compare, parity_message
 
     rng = np.random.default_rng(0)
     ref = np.concatenate([rng.uniform(0, 320, (2, 4, 500)), rng.uniform(0, 0.9, (2, 1, 500)) ** 4,
@@ -298,7 +301,7 @@ def test_dead_class_branch_fails_parity_naming_branch_and_runtime():
     dead = ref.copy()
     dead[:, 4] *= 0.005
     branches = {"box": slice(0, 4), "cls": slice(4, 5), "kpt": slice(5, None)}
-    res = compare("openvino", ref, dead, branches, {"box": 0.05, "cls": 0.2, "kpt": 0.05}, tolerance=0.03)
+    res = compare("openvino", ref, dead, branches, {"box": 0.05, "cls": 0.1, "kpt": 0.05}, tolerance=0.03)
     assert res["rel_l2"] < 0.03 and not res["passed"] and res["failed_branches"] == ["cls"]
     msg = parity_message(Path("m.onnx"), res)
     assert "openvino" in msg and "cls branch" in msg
@@ -307,21 +310,21 @@ def test_dead_class_branch_fails_parity_naming_branch_and_runtime():
 
 
 def test_missing_openvino_is_one_clear_message(monkeypatch, tmp_path):
-    from act.deploy import export
-    from act.optional_deps import OpenVINOMissing
+    from act.cli.export_command import export
+    from act.core.optional_deps import OpenVINOMissing
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     with pytest.raises(OpenVINOMissing, match=r"pip install act\[openvino\]"):
         export(str(tmp_path), formats=["openvino"])
-    from act.config import load_config
+    from act.core.config import load_config
 
     with pytest.raises(OpenVINOMissing, match="export.openvino.enabled"):
         load_config(raw=_cfg(tmp_path / "x", export={"openvino": {"enabled": True}}))
 
 
 def test_target_and_range_config():
-    from act.config import validate_config
-    from act.errors import ConfigError
+    from act.core.config import validate_config
+    from act.core.errors import ConfigError
 
     base = _cfg("/tmp/unused")
     assert validate_config(base).quant.weight.range == "int7"
@@ -340,7 +343,7 @@ def test_target_and_range_config():
 
 
 def test_seven_bit_weight_quantizer():
-    from act.quant.quantizers import WeightQuantizer
+    from act.blocks.quant.quantizers import WeightQuantizer
 
     w = torch.randn(8, 4, 3, 3)
     q = WeightQuantizer(per_channel=True, max_int=63).eval()

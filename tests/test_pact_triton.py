@@ -1,4 +1,4 @@
-"""The Triton PACT kernels (act.quant.pact_triton, the CUDA default of train.compile=quantizers) compute what the
+"""The Triton PACT kernels (act.blocks.quant.pact_triton, the CUDA default of train.compile=quantizers) compute what the
 eager quantizer computes, bit for bit: run in Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton
 is imported, hence a subprocess); on a CUDA machine the same check also runs compiled on the GPU."""
 
@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHECK = r'''
 import json, sys, torch
-from act.quant import fused, pact_triton
-from act.quant.quantizers import ActivationQuantizer
+from act.blocks.quant import fused, pact_triton
+from act.blocks.quant.quantizers import ActivationQuantizer
 dev = sys.argv[1]
 out = []
 for layout in ("contiguous", "channels_last", "chunk", "chunk_channels_last", "mixed_grad"):

@@ -10,11 +10,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from act import AutoCompression
-from act.checkpoint import load_checkpoint
-from act.errors import ActError, ConfigError
-from act.prune import model_cost
-from act.sparsity import SparsityMasks, eligible_layers, is_2to4, mask_2to4
-from act.stages import StageRun
+from act.blocks.checkpoint import load_checkpoint
+from act.core.errors import ActError, ConfigError
+from act.blocks.prune import model_cost
+from act.blocks.sparsity import SparsityMasks, eligible_layers, is_2to4, mask_2to4
+from act.orchestrate.staged_run import StageRun
 from conftest import tiny_config
 
 HEAD_LAST = {"model.23.cv2.0.2": 64, "model.23.cv3.0.2": 1, "model.23.cv4.0.2": 51, "model.23.dfl.conv": 1}
@@ -69,10 +69,10 @@ def test_channel_map_follows_the_kept_channels_through_pruning_steps(teacher_pat
     map recorded over two pruning steps must point at them (the output conv's bias, untouched by pruning, tells)."""
     import copy
 
-    from act.build import load_frozen
-    from act.config import PruneStage
-    from act.distill import channel_map, update_channel_map
-    from act.prune import StructuredPruner
+    from act.run.build import load_frozen
+    from act.orchestrate.stage_kinds import PruneStageConfig as PruneStage
+    from act.blocks.distill import channel_map, update_channel_map
+    from act.blocks.prune import StructuredPruner
 
     model, family, _ = load_frozen(teacher_path)
     model = model.float().requires_grad_(True)
@@ -105,9 +105,9 @@ def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_pa
     0.67x to 0.55x at 160 px); close_gap prunes the rest with a global ranking outside the head."""
     import copy
 
-    from act.build import load_frozen
-    from act.config import PruneStage
-    from act.prune import GAP_MAX_LAYER_SHARE, StructuredPruner
+    from act.run.build import load_frozen
+    from act.orchestrate.stage_kinds import PruneStageConfig as PruneStage
+    from act.blocks.prune import GAP_MAX_LAYER_SHARE, StructuredPruner
 
     model, family, _ = load_frozen(teacher_path)
     model = model.float().requires_grad_(True)
@@ -139,9 +139,9 @@ def test_close_gap_lands_on_target_where_the_uniform_staircase_cannot(teacher_pa
 
 @pytest.mark.parametrize("keep", [[], ["kpt"], ["kpt", "box"]])
 def test_keep_branches_decides_which_head_branches_keep_their_width(teacher_path, keep):
-    from act.build import load_frozen
-    from act.config import PruneStage
-    from act.prune import StructuredPruner
+    from act.run.build import load_frozen
+    from act.orchestrate.stage_kinds import PruneStageConfig as PruneStage
+    from act.blocks.prune import StructuredPruner
 
     model, family, _ = load_frozen(teacher_path)
     model = model.float().requires_grad_(True)
@@ -174,7 +174,7 @@ def test_pruned_and_quantized_models_run_and_load_in_ultralytics(staged, assets_
 def test_pruned_int8_export_lints_clean(staged):
     """The quant stage places Q/DQ in the pruned student's split C2f blocks (SplitC2f) as TensorRT wants; the FP32
     prune stage's export is not linted as if it were INT8."""
-    from act.lint import lint_onnx
+    from act.deploy.lint import lint_onnx
 
     _, _, out = staged
     report = lint_onnx(out / "student.onnx")
@@ -279,9 +279,9 @@ def test_a_planned_step_removes_exactly_the_channels_it_shrank(teacher_path):
     is what prune_to would do; removing zeroed channels changes no output; before that the model keeps its width."""
     import copy
 
-    from act.build import load_frozen
-    from act.config import PruneStage
-    from act.prune import StructuredPruner, scale_channels
+    from act.run.build import load_frozen
+    from act.orchestrate.stage_kinds import PruneStageConfig as PruneStage
+    from act.blocks.prune import StructuredPruner, scale_channels
 
     _, family, _ = load_frozen(teacher_path)
     model = family.load(teacher_path).float().requires_grad_(True).eval()  # with its BatchNorm layers
@@ -321,7 +321,7 @@ def _decay_cfg(out):
 
 
 def test_decaying_steps_zero_their_channels_before_removing_them_and_resume_mid_decay(tmp_path, monkeypatch):
-    from act.prune import StructuredPruner
+    from act.blocks.prune import StructuredPruner
 
     real_apply, zeroed = StructuredPruner.apply, []
 
@@ -435,7 +435,7 @@ def test_2to4_groups_run_along_input_channels():
 
 
 def test_unstructured_masks(teacher_path):
-    from act.build import load_frozen
+    from act.run.build import load_frozen
 
     model, _, _ = load_frozen("yolo11n-pose")
     masks = SparsityMasks.compute(model, "unstructured", ratio=0.7, scope="global", ignore=["*.dfl"])
@@ -461,9 +461,9 @@ def test_a_step_never_overshoots_past_staying_put(teacher_path):
     """round_to 8 makes MACs a staircase: the smallest real cut of yolo11n (stem kept) lands near 0.8x, the next
     near 0.66x. A 0.8x target in 2 steps (0.9x, then 0.8x) must end near 0.8x: a step stays put when that is closer
     to its target than the next stair (before, the GPU benchmark's 0.8x run ended at 0.66x)."""
-    from act.build import load_frozen
-    from act.config import PruneStage
-    from act.prune import StructuredPruner
+    from act.run.build import load_frozen
+    from act.orchestrate.stage_kinds import PruneStageConfig as PruneStage
+    from act.blocks.prune import StructuredPruner
 
     model, family, _ = load_frozen(teacher_path)
     model = model.float().requires_grad_(True)  # a student (torch-pruning leaves frozen parameters alone)
@@ -515,9 +515,9 @@ def test_a_pruning_step_leaves_no_autograd_graph_alive(teacher_path):
     planned then applied) frees them, whenever the cyclic collector would have run."""
     import gc
 
-    from act.build import load_frozen
-    from act.config import PruneStage
-    from act.prune import StructuredPruner
+    from act.run.build import load_frozen
+    from act.orchestrate.stage_kinds import PruneStageConfig as PruneStage
+    from act.blocks.prune import StructuredPruner
 
     _, family, _ = load_frozen(teacher_path)
     model = family.load(teacher_path).float().requires_grad_(True).train()

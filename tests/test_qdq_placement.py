@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import qdq_helpers as H
-from act import quant as Q
-from act.errors import ModelError
+from act.blocks import quant as Q
+from act.core.errors import ModelError
 
 
 def test_groups_share_one_quantizer_and_one_parameter():
@@ -35,7 +35,7 @@ def test_groups_share_one_quantizer_and_one_parameter():
 
 
 def test_shared_scale_trains_as_one(monkeypatch):
-    from act.quant.placement import _flat
+    from act.blocks.quant.placement import _flat
 
     _, _, _, placed, images = H.models()
     st = copy.deepcopy(placed).train()
@@ -76,7 +76,7 @@ def test_shared_scale_trains_as_one(monkeypatch):
 
 def test_frozen_export_uses_one_scale_per_group():
     _, _, _, st, _ = H.models()
-    from act.export import _export_copy
+    from act.deploy.export import _export_copy
 
     m = _export_copy(st)
     q = m.model[15].cat_quantizer
@@ -86,7 +86,7 @@ def test_frozen_export_uses_one_scale_per_group():
 def test_placement_refuses_blocks_it_does_not_know(monkeypatch):
     """If Ultralytics' block code drifts from act's copy, placement stops instead of changing the model."""
     import families.ultralytics.blocks as B
-    from act.build import build_student
+    from act.run.build import build_student
 
     teacher, family, cfg, _, _ = H.models()
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from act.config import QuantConfig
-from act.quant import ActivationQuantizer, QuantConv2d, WeightQuantizer, calibrate, freeze, quantize
+from act.core.config import QuantConfig
+from act.blocks.quant import ActivationQuantizer, QuantConv2d, WeightQuantizer, calibrate, freeze, quantize
 
 
 def test_weight_quantizer_per_channel_absmax():

@@ -6,9 +6,9 @@ import torch
 import yaml
 
 from act import AutoCompression
-from act.checkpoint import load_checkpoint
-from act.quant.calib import get_ranges
-from act.trainer import Trainer
+from act.blocks.checkpoint import load_checkpoint
+from act.blocks.quant.histograms import get_ranges
+from act.run.trainer import Trainer
 from conftest import REPO, interrupt_at_step, tiny_config
 
 CANDIDATES = [{"calibrator": "percentile", "percentile": 99.99}, {"calibrator": "minmax"}, {"calibrator": "mse"}]
@@ -63,7 +63,7 @@ def test_search_starts_from_the_best_calibrator_and_exports(tmp_path, teacher):
 
 def test_ranges_match_the_chosen_ptq_calibrator(tmp_path):
     """`quant.calibrator: percentile` starts from exactly the ranges `act ptq` computes with that calibrator."""
-    from act.ptq import PostTrainingQuantization
+    from act.run.ptq import PostTrainingQuantization
 
     common = dict(data={"imgsz": 96}, ptq={"num_images": 2, "batch_size": 2, "bins": 512},
                   eval={"fidelity": {"enabled": False}}, export={"onnx": False}, report={"enabled": False})

@@ -46,7 +46,7 @@ def test_report_figures_in_tensorboard(auto_runs):
 
 
 def test_curves_come_from_the_run_history(auto_runs):
-    from act.report import load_history
+    from act.run.report import load_history
 
     h = load_history(auto_runs["base"] / "tight" / "tensorboard" / "history.jsonl")
     assert [r["step"] for r in h["train"]] == [1, 2]  # log_every 1, stopped early at 2
@@ -57,7 +57,7 @@ def test_curves_come_from_the_run_history(auto_runs):
 def test_act_report_rewrites_a_finished_run(auto_runs, tmp_path):
     import shutil
 
-    from act.cli import main
+    from act.cli.main import main
 
     run = tmp_path / "run"
     shutil.copytree(auto_runs["base"] / "loose", run, ignore=shutil.ignore_patterns("report*"))

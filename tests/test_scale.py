@@ -4,9 +4,9 @@ resumes independently of the number of ranks; the speed knobs validate."""
 import pytest
 import torch
 
-from act.config import ConfigError, load_config
-from act.pipeline import StreamSampler, resolve_workers
-from act.quant.quantizers import QMAX, QMIN, ActivationQuantizer, WeightQuantizer
+from act.core.config import ConfigError, load_config
+from act.blocks.pipeline import StreamSampler, resolve_workers
+from act.blocks.quant.quantizers import QMAX, QMIN, ActivationQuantizer, WeightQuantizer
 
 
 def test_weight_training_path_matches_torch_op():
@@ -93,7 +93,7 @@ def test_speed_knobs_validate(tmp_path):
 
 def test_compiled_quantizer_kernels_match_eager():
     """train.compile=quantizers: the Inductor-built PACT fake-quant gives the eager path's outputs and gradients."""
-    from act.quant import fused
+    from act.blocks.quant import fused
 
     try:
         for ratio in (0.5, 2.0):

@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from act.config import ConfigError, load_config
-from act.step_graph import unavailable_reason, update_on_device
-from act.trainer import Trainer
+from act.core.config import ConfigError, load_config
+from act.run.step_graph import unavailable_reason, update_on_device
+from act.run.trainer import Trainer
 from tests.conftest import tiny_config
 
 CUDA = torch.cuda.is_available()
@@ -39,8 +39,8 @@ def test_config_validates(tmp_path):
 
 @pytest.mark.parametrize("asked", [True, None])  # None: the default (auto)
 def test_cpu_asked_for_graph_runs_eagerly_and_says_so(tmp_path, capsys, monkeypatch, asked):
-    from act import step_graph
-    from act.quant import fused
+    from act.run import step_graph
+    from act.blocks.quant import fused
 
     monkeypatch.setattr(step_graph, "_SAID", set())  # (said once per process)
     train = {"iterations": 2} if asked is None else {"iterations": 2, "cuda_graph": asked}

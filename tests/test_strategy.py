@@ -8,10 +8,10 @@ import pytest
 import yaml
 from torch import nn
 
-from act.checkpoint import load_checkpoint
-from act.config import validate_config
-from act.errors import ConfigError
-from act.quant import QuantConv2d
+from act.blocks.checkpoint import load_checkpoint
+from act.core.config import validate_config
+from act.core.errors import ConfigError
+from act.blocks.quant import QuantConv2d
 from conftest import mini_config, tiny_config
 
 
@@ -68,8 +68,8 @@ def test_target_config_errors(tmp_path):
         validate_config(mini_config(tmp_path, auto={"target": {"metric": "fidelity_pose_map50_95"}}))
     with pytest.raises(ConfigError, match="strategy"):
         validate_config(mini_config(tmp_path, strategy="fast"))
-    from act.config import TargetConfig
-    from act.targets import check_target
+    from act.core.config import TargetConfig
+    from act.core.targets import check_target
 
     with pytest.raises(ConfigError, match="no_such_metric"):
         check_target(TargetConfig(metric="no_such_metric", min=0.5), {"fidelity_pose_map50_95": 0.9}, {}, "pose")
@@ -84,7 +84,7 @@ def test_target_config_errors(tmp_path):
 
 def test_prune_target_runs_prune_then_quant_stages(tmp_path):
     """auto.prune (a speed target) turns `auto` into the staged pipeline: pruned to the MACs target, then INT8."""
-    from act.strategy import run_strategy
+    from act.orchestrate.strategy import run_strategy
 
     cfg = validate_config(tiny_config(tmp_path, strategy="auto", auto={"prune": {"macs_ratio": 0.8}},
                                       train={"iterations": 5, "checkpoint_every": 5}, eval={"every": 5},
@@ -102,7 +102,7 @@ def test_prune_target_runs_prune_then_quant_stages(tmp_path):
 
 
 def test_prune_target_without_pruning_is_a_clear_error(tmp_path, monkeypatch):
-    import act.strategy as st
+    import act.orchestrate.strategy as st
 
     monkeypatch.setattr(st, "pruning_available", lambda: False)
     cfg = validate_config(mini_config(tmp_path, auto={"prune": {"macs_ratio": 0.5}}))

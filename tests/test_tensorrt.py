@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import qdq_helpers as H
-from act.config import TensorRTConfig
-from act.engine import build_engine, read_engine_header, write_engine
-from act.errors import ActError
+from act.core.config import TensorRTConfig
+from act.deploy.tensorrt import build_engine, read_engine_header, write_engine
+from act.core.errors import ActError
 from conftest import cli_env
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -177,8 +177,8 @@ def test_builder_dla_with_gpu_fallback(monkeypatch, tmp_path):
 
 
 def test_act_export_from_checkpoint(tmp_path):
-    from act.checkpoint import atomic_save, make_checkpoint
-    from act.deploy import export
+    from act.blocks.checkpoint import atomic_save, make_checkpoint
+    from act.cli.export_command import export
 
     _, _, cfg, student, _ = H.models()
     atomic_save(make_checkpoint(student, {"config": cfg.dump()}, {"imgsz": H.IMGSZ, "task": "pose"}),
@@ -194,8 +194,8 @@ def test_missing_tensorrt_is_a_clear_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "act", "export", str(H.exported()), "--engine"], capture_output=True,
                        text=True, env=cli_env())
     assert r.returncode == 2 and "pip install act[tensorrt]" in r.stderr and "Traceback" not in r.stderr
-    from act.config import load_config
-    from act.engine import TensorRTMissing
+    from act.core.config import load_config
+    from act.deploy.tensorrt import TensorRTMissing
     from conftest import tiny_config
 
     with pytest.raises(TensorRTMissing):  # export.tensorrt.enabled fails when the config loads, before training
@@ -216,7 +216,7 @@ def test_real_engine_builds_and_ultralytics_runs_it(tmp_path, assets_dir):
     _real_trt()
     from ultralytics import YOLO
 
-    from act.export import onnx_outputs
+    from act.deploy.export import onnx_outputs
 
     _, _, _, _, images = H.models()
     rep = build_engine(H.exported(), tmp_path / "s.engine", TensorRTConfig(workspace_gib=1))

@@ -35,7 +35,7 @@ def torch_dtype(trt, dt):
 def bench(engine_path: Path, batches, warmup: int, iters: int):
     import torch
 
-    from act.engine import import_tensorrt, read_engine_header
+    from act.deploy.tensorrt import import_tensorrt, read_engine_header
 
     trt = import_tensorrt("timing a TensorRT engine")
     if not torch.cuda.is_available():
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     if not a.engine.is_file():
         print(f"bench_engine: not found: {a.engine}", file=sys.stderr)
         return 2
-    from act.errors import ActError
+    from act.core.errors import ActError
 
     try:
         res = bench(a.engine, a.batch, a.warmup, a.iters)

@@ -11,10 +11,11 @@ Rows:
   act PTQ (target T)      `--ptq`: `act ptq` on the pool (its recipe's ptq settings), for export.target tensorrt and
                           cpu; the ONNX in onnxruntime, the cpu model's IR in OpenVINO
   act <run>               `--act RUN ...`: finished act runs (e.g. the QAT recipe with export.target=cpu): their
-                          student.onnx in onnxruntime and student_openvino_model/ in OpenVINO (written if missing)
+                          student.onnx in onnxruntime and, for export.target cpu (or where it exists),
+                          student_openvino_model/ in OpenVINO (written if missing)
   Ultralytics NNCF INT8   `--nncf`: `YOLO(teacher).export(format='openvino', int8=True, data=<pool>, split='train')`,
                           calibrated on the same unlabeled pool images act distills on
-mAP: `act.artifacts.evaluate_artifacts` (Ultralytics' validators, square letterbox, every model alike). Latency:
+mAP: `act.run.artifacts.evaluate_artifacts` (Ultralytics' validators, square letterbox, every model alike). Latency:
 OpenVINO CPU, batch 1, LATENCY hint, median of --runs after warm-up, the fastest of --rounds interleaved rounds (this
 VM's timings swing); throughput with the THROUGHPUT hint. Writes OUT/bench_openvino.md and .json after every row
 (`--resume` keeps the rows already there).
@@ -87,7 +88,7 @@ class Bench:
         return any(r["row"] == name and "pose_map50_95" in r for r in self.rows)
 
     def save(self) -> None:
-        from act.artifacts import markdown_table
+        from act.run.artifacts import markdown_table
 
         (self.out / "bench_openvino.json").write_text(json.dumps({"settings": vars(self.args), "rows": self.rows},
                                                                  indent=2, default=str))
@@ -95,7 +96,7 @@ class Bench:
 
     def evaluate(self, name: str, model: str, runtime: str, latency=None) -> None:
         """One row: dev-val mAP of `model`; latency: (path, precision) timed in OpenVINO with the others."""
-        from act.artifacts import evaluate_artifacts
+        from act.run.artifacts import evaluate_artifacts
 
         if latency:
             self.latency_models[name] = latency
@@ -112,8 +113,8 @@ class Bench:
 
     # ---- models ----------------------------------------------------------------------------------------------
     def teacher(self) -> None:
-        from act.build import load_frozen
-        from act.export import export_onnx
+        from act.run.build import load_frozen
+        from act.deploy.export import export_onnx
 
         model, family, src = load_frozen(self.args.teacher)
         self.teacher_pt = Path(src.path)
@@ -140,7 +141,7 @@ class Bench:
                 self.before_fix(run)
 
     def act_openvino(self, name: str, run: Path) -> None:
-        from act import openvino
+        from act.deploy import openvino
 
         ir = run / "student_openvino_model"
         if not (ir / "student.xml").is_file():
@@ -153,7 +154,7 @@ class Bench:
         import openvino as ov
         import yaml
 
-        from act import openvino
+        from act.deploy import openvino
 
         ir = run / "unchanged_openvino_model"
         if not (ir / "student.xml").is_file():
@@ -167,10 +168,14 @@ class Bench:
                       "openvino")
 
     def runs(self) -> None:
+        import yaml
+
         for run in map(Path, self.args.act):
             label = f"act {run.name}"
             self.evaluate(f"{label}, ONNX", str(run / "student.onnx"), "onnxruntime")
-            self.act_openvino(label, run)
+            cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+            if (cfg.get("export") or {}).get("target") == "cpu" or (run / "student_openvino_model").is_dir():
+                self.act_openvino(label, run)
 
     def nncf(self) -> None:
         from ultralytics import YOLO
@@ -188,7 +193,7 @@ class Bench:
 
     # ---- latency ---------------------------------------------------------------------------------------------
     def latency(self) -> None:
-        from act import openvino
+        from act.deploy import openvino
 
         best: Dict[str, Dict[str, Any]] = {}
         for _ in range(self.args.rounds):  # interleaved: every model once per round

@@ -117,10 +117,10 @@ class PruneBench:
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     def teacher_row(self):
-        from act.build import load_frozen
-        from act.export import export_onnx
-        from act.latency import ort_latency
-        from act.prune import model_cost
+        from act.run.build import load_frozen
+        from act.deploy.export import export_onnx
+        from act.deploy.latency import ort_latency
+        from act.blocks.prune import model_cost
 
         r = self.b.evaluate(self.b.teacher)
         model, family, _ = load_frozen(self.b.teacher)
@@ -188,7 +188,7 @@ class PruneBench:
     def stage_row(self, target: float, index: int, onnx: bool = False):
         """One stage's student: its best.pt in torch (or, onnx, its exported ONNX in onnxruntime), its cost from the
         stage's summary, the onnxruntime CPU latency of its ONNX measured now (one model at a time)."""
-        from act.latency import ort_latency
+        from act.deploy.latency import ort_latency
 
         d = self.stage_dir(target, index)
         if not (d / "summary.json").is_file():
@@ -223,7 +223,7 @@ class PruneBench:
                 + [f"--set {x}" for x in a.set])
 
     def write(self) -> None:
-        from act.artifacts import markdown_table
+        from act.run.artifacts import markdown_table
 
         total = round(time.time() - self.t0, 1)
         settings = dict(vars(self.args), imgsz=self.b.imgsz, device=self.b.device, data_yaml=self.b.data_yaml,

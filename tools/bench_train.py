@@ -48,12 +48,12 @@ VARIANTS: Dict[str, List[str]] = {
     "bf16_cl_compile": ["train.amp=bf16", "train.channels_last=true", "train.compile=true"],
     "fp32_compile": ["train.amp=none", "train.channels_last=false", "train.compile=true"],
     "fp32_qcompile": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"] + EAGER,
-    # the captured step (act.step_graph)
+    # the captured step (act.run.step_graph)
     "fp32_graph": ["train.amp=none", "train.channels_last=false"] + GRAPH,
     "fp32_qcompile_graph": ["train.amp=none", "train.channels_last=false", "train.compile=quantizers"] + GRAPH,
     "fp32_cl_qcompile_graph": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers"] + GRAPH,
     "tbf16_qcompile_graph": ["train.amp=none", "train.teacher_amp=bf16", "train.compile=quantizers"] + GRAPH,
-    # the fused quantizer kernels by implementation (act.quant.fused; the default on CUDA is triton)
+    # the fused quantizer kernels by implementation (act.blocks.quant.fused; the default on CUDA is triton)
     "fp32_cl_qtriton": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers",
                         "env:ACT_QUANT_KERNELS=triton"] + EAGER,
     "fp32_cl_qinductor_graph": ["train.amp=none", "train.channels_last=true", "train.compile=quantizers",
@@ -151,7 +151,7 @@ def split_env(overrides: List[str]):
 
 
 def make_ac(args, overrides: List[str]):
-    from act.trainer import Trainer
+    from act.run.trainer import Trainer
 
     overrides, env = split_env(overrides)
     os.environ.pop("ACT_QUANT_KERNELS", None)  # (a row sets it only for itself)
@@ -188,9 +188,9 @@ def bench_plain(args, amp: bool = False) -> Dict[str, Any]:
     """Eager training of the same model: forward, the distillation loss against fixed targets, backward, AdamW."""
     import torch
 
-    from act.build import load_frozen
-    from act.config import DistillConfig
-    from act.distill import DistillLoss, FeatureCapture, find_nodes
+    from act.run.build import load_frozen
+    from act.core.config import DistillConfig
+    from act.blocks.distill import DistillLoss, FeatureCapture, find_nodes
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -324,7 +324,7 @@ def bench_act_real(args, name: str, overrides: List[str]) -> Dict[str, Any]:
     dt = time.perf_counter() - t
     # the loader alone (no GPU work): what the CPU side can deliver. The prefetch queue is full at first, so
     # drain it for workers x prefetch_factor batches, then time as many again
-    from act.pipeline import resolve_workers
+    from act.blocks.pipeline import resolve_workers
 
     ahead = max(1, resolve_workers(ac.cfg.data.workers, 1)) * ac.cfg.data.prefetch_factor
     for _ in range(ahead):
@@ -454,7 +454,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         args.device = "cpu"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
-    from act.pipeline import cpu_cores
+    from act.blocks.pipeline import cpu_cores
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu, "torch": torch.__version__,
             "cpus": cpu_cores(), "command": "python tools/bench_train.py " + " ".join(sys.argv[1:] if argv is None

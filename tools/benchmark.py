@@ -5,7 +5,7 @@ for yolo11n-pose on coco-pose-mini: train split = the unlabeled pool, val split 
     python tools/benchmark.py --data ../shared/data/coco-pose-mini --out results/ --parallel 3   # GPU, 640 px
     python tools/benchmark.py --data ../shared/data/coco-pose-mini --out /tmp/bench --quick      # CPU smoke run
 
-Every number in the table comes from one place, `act.artifacts.evaluate_artifacts` (the metric code of `act eval`
+Every number in the table comes from one place, `act.run.artifacts.evaluate_artifacts` (the metric code of `act eval`
 and of training): COCO mAP on val with Ultralytics' validators, every model letterboxed to the same square imgsz
 (the ONNX is fixed-shape), and label-free fidelity against the teacher on the held-out slice of the train pool.
 The QAT rows run the recipe exactly as a user does (`act compress --config ... train.seed=S`, one process per seed,
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from act.quant.calibrators import CALIBRATORS  # noqa: E402 (after the sys.path line)
+from act.blocks.quant.calibrators import CALIBRATORS  # noqa: E402 (after the sys.path line)
 
 CALIBRATORS = list(CALIBRATORS)
 COLUMNS = [
@@ -136,7 +136,7 @@ class Bench:
         return o
 
     def evaluate(self, model: str, max_images: Optional[int] = None, device: Optional[str] = None) -> Dict:
-        from act.artifacts import evaluate_artifacts
+        from act.run.artifacts import evaluate_artifacts
 
         rows = evaluate_artifacts([model], data=self.data_yaml, imgsz=self.imgsz, batch=self.eval_batch,
                                   max_images=max_images or self.max_images, teacher=self.teacher,
@@ -162,7 +162,7 @@ class Bench:
         return {**r, "model": self.teacher}
 
     def ptq_row(self, calibrator: str):
-        from act.ptq import PostTrainingQuantization
+        from act.run.ptq import PostTrainingQuantization
 
         name = f"ptq_{calibrator}"
         o = self.common(name) + [f"ptq.calibrator={calibrator}", f"ptq.num_images={self.ptq_images}",
@@ -274,7 +274,7 @@ class Bench:
 
     # ---- output --------------------------------------------------------------------------------------------------
     def write(self) -> None:
-        from act.artifacts import markdown_table
+        from act.run.artifacts import markdown_table
 
         settings = {k: v for k, v in vars(self.args).items()}
         settings.update(imgsz=self.imgsz, device=self.device, ptq_images=self.ptq_images,

@@ -70,7 +70,7 @@ def qdq_placement(onnx_path: str) -> Dict[str, float]:
     """Quantized tensor name -> scale (the largest, of its first QuantizeLinear), from the linter's graph view."""
     import numpy as np
 
-    from act.lint import _Graph, _load
+    from act.deploy.lint import _Graph, _load
 
     g = _Graph(_load(onnx_path)[0])
     out: Dict[str, float] = {}

@@ -11,7 +11,7 @@ https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quan
 This module swaps the class of the Ultralytics blocks that hold those ops for a subclass whose forward is the
 original one with quantizers at those places (state dict, attributes and isinstance stay the same). One quantizer
 per Concat (all its inputs; for C2f/C2PSA the conv output before its chunk/split, as NVIDIA's YOLO QAT examples
-do), two per residual Add, one per Upsample input; `act.quant.placement` then merges the
+do), two per residual Add, one per Upsample input; `act.blocks.quant.placement` then merges the
 quantizers that must share a scale (the same tensor, a Concat's inputs and the convs reading its output, ...) into
 one module.
 

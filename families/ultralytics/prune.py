@@ -1,4 +1,4 @@
-"""What torch-pruning needs to know about Ultralytics YOLO models (used by act.prune through the family object):
+"""What torch-pruning needs to know about Ultralytics YOLO models (used by act.blocks.prune through the family object):
 the C2f/C3k2 chunk split made prunable, the modules whose channels stay, the forward that traces the graph."""
 
 from __future__ import annotations

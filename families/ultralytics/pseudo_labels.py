@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from act.errors import ConfigError
+from act.core.errors import ConfigError
 
 
 class PseudoLabelLoss:

@@ -1,4 +1,4 @@
-"""Labeled COCO-style mAP with Ultralytics' validators (the same code as `yolo val`), for act.evaluate.CocoEvaluator."""
+"""Labeled COCO-style mAP with Ultralytics' validators (the same code as `yolo val`), for act.blocks.evaluate.CocoEvaluator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from act.errors import ActError
+from act.core.errors import ActError
 
 # Ultralytics' result keys -> act's names
 KEYS = {

@@ -1,4 +1,4 @@
-"""The Ultralytics YOLOv8 / YOLO11 family (detect and pose), act's built-in `ModelFamily` (act/family.py): loading,
+"""The Ultralytics YOLOv8 / YOLO11 family (detect and pose), act's built-in `ModelFamily` (act/core/family.py): loading,
 head branches, float-only layers, Ultralytics' letterbox / NMS / validators / AutoBackend / ONNX exporter, export
 metadata and checkpoint layout. Q/DQ placement inside its blocks: blocks.py; what pruning needs: prune.py."""
 
@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from act.errors import ModelError
-from act.family_base import FamilyBase
+from act.core.errors import ModelError
+from act.core.family_base import FamilyBase
 from families.ultralytics.layout import BRANCHES, OUTPUT_CONV, SUPPORTED_HEADS  # noqa: F401
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics must never reach for the network from act
@@ -26,7 +26,7 @@ class UltralyticsYOLO(FamilyBase):
     float_patterns = ("*.dfl", "*.dfl.*")
     sample_images = "pkg:ultralytics/assets"  # bus.jpg, zidane.jpg: parity images when no run config names a pool
 
-    # Q/DQ placement (act.quant.placement): the rules TensorRT needs to fuse an Ultralytics YOLO without reformats
+    # Q/DQ placement (act.blocks.quant.placement): the rules TensorRT needs to fuse an Ultralytics YOLO without reformats
     default_placement = "tensorrt"
     placement_rules = {"concat": True, "residual_add": True, "maxpool": True, "upsample": True, "fanout": True}
 
@@ -302,7 +302,7 @@ class UltralyticsYOLO(FamilyBase):
         return meta
 
 
-    # ---- structured pruning (act.prune; details in prune.py) ---------------------------------------------------
+    # ---- structured pruning (act.blocks.prune; details in prune.py) ---------------------------------------------------
     def prune_ignored(self, model: nn.Module, keep_branches=()) -> List[nn.Module]:
         from families.ultralytics.prune import prune_ignored
 
