@@ -446,11 +446,11 @@ def test_unstructured_masks(teacher_path):
 
 
 @pytest.mark.parametrize("stages, msg", [
-    ([{"type": "prune", "targt": 0.5}], "stages.0.prune.targt: unknown key"),
-    ([{"type": "prune", "target": 1.5}], "stages.0.prune.target"),
-    ([{"type": "prune", "train": {"lr": "fast"}}], "stages.0.prune.train.lr"),
+    ([{"type": "prune", "targt": 0.5}], "stages.0.targt: unknown key"),
+    ([{"type": "prune", "target": 1.5}], "stages.0.target"),
+    ([{"type": "prune", "train": {"lr": "fast"}}], "stages.0.train.lr"),
     ([{"type": "quant"}, {"type": "prune"}], "quant stage must be the last"),
-    ([{"type": "sparsity", "pattern": "4:8"}], "stages.0.sparsity.pattern"),
+    ([{"type": "sparsity", "pattern": "4:8"}], "stages.0.pattern"),
 ])
 def test_stage_config_errors_name_the_key(stages, msg, tmp_path):
     with pytest.raises(ConfigError, match=msg.replace("(", "\\(")):

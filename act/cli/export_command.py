@@ -57,9 +57,6 @@ def export(source: str, engine: bool = False, dynamic: Optional[bool] = None, ba
     written to <folder>/export.json)."""
     from act.core.config import ExportConfig
 
-    kind, path, folder = resolve_source(source)
-    cfg = _run_config(folder, overrides or [])
-    ex = cfg.export if cfg is not None else ExportConfig()
     if engine:
         from act.deploy.tensorrt import import_tensorrt
 
@@ -68,6 +65,10 @@ def export(source: str, engine: bool = False, dynamic: Optional[bool] = None, ba
         from act.core.optional_deps import import_openvino
 
         import_openvino("act export --format openvino")  # likewise
+    kind, path, folder = resolve_source(source)
+    cfg = _run_config(folder, overrides or [])
+    ex = cfg.export if cfg is not None else ExportConfig()
+    if "openvino" in formats:
         ex = ex.model_copy(update={"openvino": ex.openvino.model_copy(update={"enabled": True})})
     result: Dict[str, Any] = {"source": str(path)}
     if kind == "checkpoint":
