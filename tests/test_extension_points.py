@@ -68,6 +68,9 @@ def test_every_registered_loss_and_calibrator_round_trips_and_computes(tmp_path)
     from act.core.config import validate_config
     from act.core.errors import ConfigError
 
+    old = tiny_config(tmp_path, distill={"losses": {"box": {"type": "soft_label", "axis": "dfl",
+                                                            "visibility_weight": 1.0}}})  # a config.yaml of before
+    assert "visibility_weight" not in validate_config(old).distill.losses["box"].model_dump()
     with pytest.raises(ConfigError, match=r"distill\.losses\.kpt\.visibility_weight: unknown key"):  # oks's own key
         validate_config(tiny_config(tmp_path, distill={"losses": {"kpt": {"type": "l2", "visibility_weight": 2}}}))
     with pytest.raises(ConfigError, match=r"distill\.losses\.kpt\.type: unknown distillation loss 'l3'"):

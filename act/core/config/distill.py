@@ -89,6 +89,10 @@ class DistillConfig(_Section):
             return v
         merged: Dict[str, Any] = _default_losses()
         for k, spec in v.items():
+            if isinstance(spec, dict) and spec.get("type") != "oks" and spec.get("visibility_weight") == 1.0:
+                # config.yaml written before losses declared their own keys (2026-12-07) carries oks's
+                # visibility_weight, at its default, on every branch, where it did nothing
+                spec = {key: val for key, val in spec.items() if key != "visibility_weight"}
             merged[k] = {**merged[k].model_dump(), **spec} if isinstance(spec, dict) and k in merged else spec
         # each entry as the config model its loss registered (e.g. oks: visibility_weight)
         return {k: validate_entry(LOSSES, spec, LossSpec, (k,)) for k, spec in merged.items()}
