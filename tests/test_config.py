@@ -52,6 +52,8 @@ def test_missing_section_and_files(tmp_path):
         check_inputs(load_config(raw=tiny_config(tmp_path, data={"train": str(tmp_path / "nowhere")})))
     with pytest.raises(ConfigError, match="eval.data"):
         check_inputs(load_config(raw=tiny_config(tmp_path, eval={"data": str(tmp_path / "missing.yaml")})))
+    with pytest.raises(ModelError, match="model.teacher"):
+        check_inputs(load_config(raw=tiny_config(tmp_path, model={"teacher": str(tmp_path / "missing.pt")})))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
 

@@ -155,7 +155,7 @@ class Bench:
         import openvino as ov
         import yaml
 
-        from act.deploy import openvino
+        from act.deploy.onnx_hygiene import metadata_of
 
         ir = run / "unchanged_openvino_model"
         if not (ir / "student.xml").is_file():
@@ -164,7 +164,7 @@ class Bench:
                           compress_to_fp16=False)
             import onnx
 
-            meta = openvino.onnx_metadata(onnx.load(str(run / "student.onnx")))
+            meta = metadata_of(onnx.load(str(run / "student.onnx")))
             (ir / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
         self.evaluate("act PTQ (target tensorrt), its ONNX read by OpenVINO directly (before the fix)", str(ir),
                       "openvino")

@@ -130,12 +130,13 @@ def openvino_from_onnx(onnx_path: Path, cfg: Optional[RunConfig], ex, log=print)
     """The IR of an existing Q/DQ ONNX, checked against onnxruntime running that ONNX (no torch student here)."""
     import onnx
 
-    from act.deploy import openvino
     from act.core.errors import ParityError
+    from act.deploy import openvino
+    from act.deploy.onnx_hygiene import metadata_of
     from act.deploy.export import compare, onnx_outputs, parity_message
 
     proto = onnx.load(str(onnx_path))
-    meta = openvino.onnx_metadata(proto)
+    meta = metadata_of(proto)
     imgsz = (meta.get("imgsz") or [640])[0]
     xml = openvino.write_ir(onnx_path)
     images = _parity_images(cfg, int(imgsz), ex.parity_images)

@@ -46,6 +46,20 @@ def simplify_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
     return slim
 
 
+def metadata_of(proto: onnx.ModelProto) -> dict:
+    """The ONNX's metadata (Ultralytics' keys: task, names, imgsz, kpt_shape, stride, ...), stored as strings, with
+    their Python values back where a string holds one, as Ultralytics reads them."""
+    import ast
+
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = ast.literal_eval(p.value)
+        except (ValueError, SyntaxError):
+            out[p.key] = p.value
+    return out
+
+
 UINT8_ZERO_POINT = "act_activation_zero_point_u8"
 
 

@@ -12,7 +12,6 @@ within 7 bits (quant.weight.range: int7, export.target: cpu). Why, measured: doc
 
 from __future__ import annotations
 
-import ast
 import statistics
 import time
 from pathlib import Path
@@ -32,18 +31,6 @@ def ir_folder(onnx_path: Path) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}_openvino_model")
 
 
-def onnx_metadata(proto) -> Dict[str, Any]:
-    """The ONNX's metadata (Ultralytics' keys: task, names, imgsz, kpt_shape, stride, ...) with Python values where a
-    string holds one, as Ultralytics reads them."""
-    out: Dict[str, Any] = {}
-    for p in proto.metadata_props:
-        try:
-            out[p.key] = ast.literal_eval(p.value)
-        except (ValueError, SyntaxError):
-            out[p.key] = p.value
-    return out
-
-
 def write_ir(onnx_path: Path, folder: Optional[Path] = None) -> Path:
     """OpenVINO IR (`student.xml` + `.bin`, FP32 float parts) of a Q/DQ ONNX, with Ultralytics' `metadata.yaml` (from
     the ONNX's metadata), in `folder` (default: ir_folder(onnx_path)). Returns the .xml path. Written into a temporary
@@ -53,13 +40,13 @@ def write_ir(onnx_path: Path, folder: Optional[Path] = None) -> Path:
     import onnx
     import yaml
 
-    from act.deploy.onnx_hygiene import activations_as_uint8
+    from act.deploy.onnx_hygiene import activations_as_uint8, metadata_of
 
     ov = import_openvino("the OpenVINO export")
     onnx_path = Path(onnx_path)
     folder = Path(folder) if folder else ir_folder(onnx_path)
     proto = onnx.load(str(onnx_path))
-    meta = onnx_metadata(proto)
+    meta = metadata_of(proto)
     activations_as_uint8(proto)  # a no-op for an export.target cpu ONNX (already uint8)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

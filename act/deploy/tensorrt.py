@@ -22,7 +22,6 @@ of JSON metadata (task, names, stride, imgsz, kpt_shape, ...; "dla" for a DLA en
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import tempfile
@@ -74,14 +73,9 @@ def metadata_from_onnx(onnx_path: Path) -> Dict[str, Any]:
     """The Ultralytics metadata act wrote into the ONNX (strings there) with their Python types back."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta: Dict[str, Any] = {}
-    for p in model.metadata_props:
-        try:
-            meta[p.key] = ast.literal_eval(p.value)
-        except (ValueError, SyntaxError):
-            meta[p.key] = p.value
-    return meta
+    from act.deploy.onnx_hygiene import metadata_of
+
+    return metadata_of(onnx.load(str(onnx_path), load_external_data=False))
 
 
 # ---- building --------------------------------------------------------------------------------------------------------

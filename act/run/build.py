@@ -20,7 +20,7 @@ from torch import nn
 
 from act.blocks import quant as Q
 from act.core.config import RunConfig
-from act.core.errors import ConfigError
+from act.core.errors import ConfigError, ModelError
 from act.core.family import family_named
 from teachers import resolve_teacher
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import List, Literal, Optional, Tuple, Union
 
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
