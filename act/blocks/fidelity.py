@@ -139,30 +139,43 @@ class FidelityEvaluator(FidelityMeter):
 
     def __init__(self, teacher: nn.Module, images: List[np.ndarray], task: str, nodes: Sequence[Node] = (),
                  batch_size: int = 16, teacher_conf: float = 0.25, held_out: bool = True,
-                 paths: Sequence[Path] = (), family=None):
+                 paths: Sequence[Path] = (), family=None, student_images: Optional[List[np.ndarray]] = None):
+        """student_images: the same images letterboxed to the student's own (smaller) input size; the student's
+        detections are then scaled to the teacher's letterbox (a square letterbox scales every coordinate by the
+        size ratio) and scored against the teacher's at its size. Head fidelity needs equal sizes and is skipped."""
         if not images:
             raise ActError("fidelity: no images")
         super().__init__(teacher, task, nodes, teacher_conf, family)
         self.images = images
+        self.student_images = student_images
+        if student_images is not None and len(student_images) != len(images):
+            raise ActError("fidelity: the student's images are not the teacher's")
         self.batch_size = batch_size
         self.held_out = held_out
         self.paths = list(paths)
 
     @classmethod
     def from_paths(cls, teacher: nn.Module, paths: Sequence[Path], imgsz: int, task: str, family=None,
-                   **kw) -> "FidelityEvaluator":
+                   student_imgsz: Optional[int] = None, **kw) -> "FidelityEvaluator":
+        """The teacher at `imgsz`; a student of another input size at `student_imgsz`."""
         family = _family_of(teacher, family)
         images, ok = load_letterboxed(paths, imgsz, family.letterbox)
-        return cls(teacher, images, task, paths=ok, family=family, **kw)
+        small = None
+        if student_imgsz and student_imgsz != imgsz:
+            small, _ = load_letterboxed(ok, student_imgsz, family.letterbox)
+        return cls(teacher, images, task, paths=ok, family=family, student_images=small, **kw)
 
     # ------------------------------------------------------------------------------------------------------------
-    def batches(self):
-        for i in range(0, len(self.images), self.batch_size):
-            yield torch.stack([to_tensor(im) for im in self.images[i:i + self.batch_size]])
+    def batches(self, images: Optional[List[np.ndarray]] = None):
+        images = self.images if images is None else images
+        for i in range(0, len(images), self.batch_size):
+            yield torch.stack([to_tensor(im) for im in images[i:i + self.batch_size]])
 
     def __call__(self, model, context=None) -> Dict[str, float]:
         if model is self.teacher:
             return {}  # the teacher against itself: nothing to measure (a copy of it scores 1.0 and SNR inf)
+        if self.student_images is not None:
+            return self._other_size(model, context)
         device = context.device if context is not None else next(self.teacher.parameters()).device
         t_run = _Runner(self.teacher, device, self.names, self.family)
         s_run = _Runner(model, device, self.names, self.family)
@@ -189,6 +202,40 @@ class FidelityEvaluator(FidelityMeter):
             for m, w in was:
                 m.train(w)
         return self.scores(sums, gts, dts, self.images[0].shape[:2])
+
+    def _other_size(self, model, context=None) -> Dict[str, float]:
+        """The teacher at its size, the student at its own, the student's detections scaled to the teacher's."""
+        device = context.device if context is not None else next(self.teacher.parameters()).device
+        scale = self.images[0].shape[0] / self.student_images[0].shape[0]
+        gts: List[torch.Tensor] = []
+        dts: List[torch.Tensor] = []
+        for m, imgs, out, detect in ((self.teacher, self.images, gts, self.teacher_detections),
+                                     (model, self.student_images, dts, self.student_detections)):
+            run = _Runner(m, device, (), self.family)
+            was = m.training if isinstance(m, nn.Module) else None
+            if was is not None:
+                m.eval()
+            try:
+                for x in self.batches(imgs):
+                    out += detect(run(x)[0])
+            finally:
+                run.close()
+                if was is not None:
+                    m.train(was)
+        dts = [scale_detections(d, scale, self.kpt_shape) for d in dts]
+        return self.scores(self.new_sums(), gts, dts, self.images[0].shape[:2])
+
+
+def scale_detections(d: torch.Tensor, scale: float, kpt_shape=()) -> torch.Tensor:
+    """Detections (rows x1 y1 x2 y2 conf cls [kpts]) with their box and keypoint coordinates times `scale`."""
+    d = d.clone()
+    d[:, :4] *= scale
+    if kpt_shape and d.shape[1] > 6 and len(d):
+        nk, dims = kpt_shape
+        k = d[:, 6:6 + nk * dims].reshape(len(d), nk, dims).clone()
+        k[..., :2] *= scale
+        d[:, 6:6 + nk * dims] = k.reshape(len(d), nk * dims)
+    return d
 
 
 class CachedFidelity(FidelityMeter):

@@ -44,9 +44,26 @@ def _analyze(args) -> int:
     return 0
 
 
+def _frontier(args) -> int:
+    from act.orchestrate.frontier import Frontier
+
+    Frontier(args.config, overrides=args.overrides, only=args.only or (), remeasure=args.remeasure,
+             make_only=args.make_only).run()
+    return 0
+
+
 def _report(args) -> int:
+    import json
+    from pathlib import Path
+
     from act.run.report import write_report_from_dir
 
+    sj = Path(args.run_dir) / "summary.json"
+    if sj.is_file() and json.loads(sj.read_text()).get("mode") == "budget":
+        from act.orchestrate.budget import write_budget_report
+
+        print(f"act: wrote {write_budget_report(Path(args.run_dir))}")
+        return 0
     paths = write_report_from_dir(args.run_dir)
     print(f"act: wrote {paths['md']} and {paths['html']}")
     return 0
@@ -106,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, help="run config YAML; its analyze and ptq sections apply")
     a.add_argument("overrides", nargs="*", help="key=value overrides, e.g. analyze.images=32 analyze.layers=[model.23.*]")
     a.set_defaults(func=_analyze)
+
+    f = sub.add_parser("frontier", help="make and measure the accuracy-latency frontier (input size x pruning x "
+                                        "precision) -> frontier.md/.json/.png; resumes")
+    f.add_argument("--config", required=True, help="run config YAML; its frontier section names the points")
+    f.add_argument("--only", action="append", metavar="POINT", help="only this point (and the teacher reference)")
+    f.add_argument("--remeasure", nargs="?", const="all", choices=["all", "latency"],
+                   help="measure every point again (all), or time them again only (latency: e.g. on the machine that "
+                        "deploys them, after --make-only on a GPU host)")
+    f.add_argument("--make-only", action="store_true", help="make the points (training, export), measure nothing")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. frontier.imgsz=[640,512] "
+                                                "frontier.prune=[1.0,0.8]")
+    f.set_defaults(func=_frontier)
 
     r = sub.add_parser("report", help="(re)write report.md / report.html of a finished run directory")
     r.add_argument("run_dir", help="a run's output_dir (with summary.json)")

@@ -45,3 +45,25 @@ def openvino_latency(path: Path, runs: int = 20) -> Optional[Dict[str, Any]]:
     from act.deploy.openvino import latency_of_onnx
 
     return latency_of_onnx(Path(path), runs=runs)
+
+
+def tensorrt_latency(path: Path, runs: int = 20, engine_path: Optional[Path] = None) -> Optional[Dict[str, Any]]:
+    """TensorRT latency (batch 1, median of `runs` after warm-up, the engine alone) of an engine built from the ONNX
+    (written to `engine_path`, default next to the ONNX; an engine newer than the ONNX is reused); None where
+    TensorRT or a CUDA GPU is missing."""
+    import importlib.util
+
+    import torch
+
+    if runs <= 0 or importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        return None
+    from act.deploy.tensorrt import build_engine, engine_latency
+
+    path = Path(path)
+    engine = Path(engine_path) if engine_path else path.with_suffix(".engine")
+    if not engine.is_file() or engine.stat().st_mtime < path.stat().st_mtime:
+        build_engine(path, engine, log=lambda s: None)
+    res = engine_latency(engine, [1], warmup=max(runs // 2, 5), iters=runs, log=lambda s: None)
+    row = res["rows"][0]
+    return {"median_ms": row["median_ms"], "min_ms": row["min_ms"], "runs": runs, "batch": 1,
+            "tensorrt": res["tensorrt"], "gpu": res["gpu"], "engine": str(engine)}

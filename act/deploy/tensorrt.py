@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -196,3 +197,81 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg=None, metadata: Optiona
         "dla_core": cfg.dla_core,
         "bytes": engine_path.stat().st_size,
     }
+
+
+def torch_dtype(trt, dt):
+    """The torch dtype of a TensorRT tensor dtype."""
+    import torch
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8, trt.int32: torch.int32,
+             trt.bool: torch.bool}
+    if hasattr(trt, "int64"):
+        table[trt.int64] = torch.int64
+    if hasattr(trt, "bfloat16"):
+        table[trt.bfloat16] = torch.bfloat16
+    return table[dt]
+
+
+def engine_latency(engine_path: Path, batches=None, warmup: int = 20, iters: int = 100, log=print) -> Dict[str, Any]:
+    """Time a TensorRT engine alone: execute_async_v3 on one CUDA stream, CUDA events around each run, the median of
+    `iters` runs after `warmup`, per batch (a static engine: its own batch). Needs an NVIDIA GPU (torch CUDA tensors
+    hold the bindings)."""
+    import torch
+
+    trt = import_tensorrt("timing a TensorRT engine")
+    if not torch.cuda.is_available():
+        raise ActError("timing a TensorRT engine: no CUDA GPU visible to torch")
+    offset, meta = read_engine_header(engine_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    if meta.get("dla") is not None:
+        runtime.DLA_core = int(meta["dla"])
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes()[offset:])
+    if engine is None:
+        raise ActError(f"TensorRT {trt.__version__} could not deserialize {engine_path}")
+    ctx = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    inp = inputs[0]
+    shape = tuple(engine.get_tensor_shape(inp))
+    dynamic = shape[0] == -1
+    if dynamic:
+        lo, _, hi = engine.get_tensor_profile_shape(inp, 0)
+        batches = batches or [lo[0], hi[0]]
+    else:
+        if batches and any(b != shape[0] for b in batches):
+            log(f"static engine of batch {shape[0]}; timing that batch only")
+        batches = [shape[0]]
+    stream = torch.cuda.Stream()
+    rows = []
+    for b in batches:
+        if dynamic:
+            if not lo[0] <= b <= hi[0]:
+                log(f"batch {b} is outside the profile [{lo[0]}, {hi[0]}]; skipped")
+                continue
+            ctx.set_input_shape(inp, (b, *shape[1:]))
+        buffers = {}
+        for n in names:
+            shp = tuple(ctx.get_tensor_shape(n))
+            buffers[n] = torch.empty(shp, dtype=torch_dtype(trt, engine.get_tensor_dtype(n)), device="cuda")
+            if n == inp:
+                buffers[n].uniform_(0, 1)
+            ctx.set_tensor_address(n, buffers[n].data_ptr())
+        times = []
+        with torch.cuda.stream(stream):
+            for i in range(warmup + iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                ok = ctx.execute_async_v3(stream.cuda_stream)
+                end.record(stream)
+                end.synchronize()
+                if not ok:
+                    raise ActError("TensorRT: execute_async_v3 failed")
+                if i >= warmup:
+                    times.append(start.elapsed_time(end))
+        med = statistics.median(times)
+        rows.append({"batch": b, "median_ms": round(med, 4), "p90_ms": round(sorted(times)[int(0.9 * len(times))], 4),
+                     "min_ms": round(min(times), 4), "images_per_s": round(1000.0 * b / med, 1), "iters": iters})
+        log(f"batch {b:>3}: median {med:.3f} ms  ({rows[-1]['images_per_s']:.0f} img/s, p90 {rows[-1]['p90_ms']} ms)")
+    return {"engine": str(engine_path), "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
+            "input": inp, "shape": list(shape), "warmup": warmup, "rows": rows}

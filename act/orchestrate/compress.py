@@ -39,6 +39,9 @@ class AutoCompression:
             self.trainer = Trainer(self.cfg, train_loader=train_loader, eval_fn=eval_fn, hooks=[AutoSkip()])
 
     def run(self, resume: bool = False, exist_ok: bool = False, force: bool = False) -> Dict[str, Any]:
+        if self.cfg.strategy == "auto" and self.cfg.auto.budget:  # stages, if any, make the frontier's pruned points
+            return run_strategy(self.cfg, resume=resume, exist_ok=exist_ok, train_loader=self.user_loader,
+                                eval_fn=self.user_eval)
         if self.cfg.stages:
             staged = StagedRun(self.cfg, train_loader=self.user_loader, eval_fn=self.user_eval)
             self.stage_runs = staged.stage_runs

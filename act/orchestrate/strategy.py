@@ -9,6 +9,8 @@
    `auto.qat_target` (default: `auto.target`) is met.
 5. A speed/size target (`auto.prune: {macs_ratio: 0.6}` or `params_ratio`) turns the run into the staged pipeline
    prune (to the target) -> quant (distillation QAT) of act.orchestrate.staged_run; the decision is logged like the others.
+6. A budget (`auto.latency_ms` / `auto.macs_ratio`, with `auto.max_drop`) measures the accuracy-latency frontier and
+   delivers its most accurate point within the budget (act.orchestrate.budget), or fails naming the closest points.
 
 Every decision is printed (`act: decision: ...`), kept in summary.json["decisions"] and shown in the report.
 `strategy: ptq` runs `act ptq`; `strategy: qat` runs distillation QAT (act.run.trainer) only.
@@ -210,6 +212,10 @@ class AutoStrategy:
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
         self.check()
         t0 = time.time()
+        if self.cfg.auto.budget:
+            from act.orchestrate.budget import BudgetStrategy
+
+            return BudgetStrategy(self.cfg, self.user_loader, self.user_eval).run(resume=resume, exist_ok=exist_ok)
         if self.cfg.auto.prune is not None:
             return self._prune_then_quantize(resume=resume, exist_ok=exist_ok)
         if resume and (self.out / "last.pt").is_file():

@@ -19,6 +19,7 @@ from act.core.config.distill import BranchType, DistillConfig, LossSpec, PseudoL
 from act.core.config.export import (  # noqa: F401 (re-exported: the config models are importable from act.core.config)
     OUTPUT_BRANCHES, ExportConfig, OpenVINOConfig, ReportConfig, TensorRTConfig,
 )
+from act.core.config.frontier import FrontierConfig, FrontierPoint  # noqa: F401 (re-exported)
 from act.core.config.registered import validate_entry
 from act.core.config.sections import (  # noqa: F401 (re-exported: the config models are importable from act.core.config)
     ActivationQuantConfig, AnalyzeConfig, AugmentConfig, AutoConfig, AutoSkipConfig, Calibrator, DataConfig,
@@ -45,6 +46,8 @@ class RunConfig(_Section):
     auto: AutoConfig = Field(default_factory=AutoConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    frontier: FrontierConfig = Field(default_factory=FrontierConfig,
+                                     description="act frontier / auto's budget: the points measured")
     output_dir: str = "runs/act/exp"
     stages: Optional[List[SerializeAsAny[StageConfig]]] = Field(
         None, description="run these stages in order (e.g. prune then quant), each from the previous stage's best "
@@ -74,12 +77,30 @@ class RunConfig(_Section):
                 raise ValueError("the quant stage must be the last stage (pruning and sparsity act on float weights)")
         return v
 
+    @field_validator("frontier")
+    @classmethod
+    def _frontier_stages(cls, v):
+        """frontier.prune_stages: each entry as its registered stage model (errors keep the key path)."""
+        if v.prune_stages:
+            for i, s in enumerate(v.prune_stages):
+                validate_entry(STAGE_KINDS, s, StageConfig, ("prune_stages", i))
+            if not any(s.get("type") == "prune" for s in v.prune_stages):
+                raise ValueError("prune_stages: expected a stage of type prune")
+        return v
+
     @field_validator("output_dir")
     @classmethod
     def _usable_dir(cls, v):
         if not v.strip() or "\x00" in v:
             raise ValueError("expected a folder path (not empty, no NUL characters)")
         return v
+
+    @model_validator(mode="after")
+    def _budget_needs_auto(self):
+        if self.auto.budget and self.strategy != "auto":
+            raise ValueError(f"auto.latency_ms / auto.macs_ratio are the budget of strategy: auto (got strategy: "
+                             f"{self.strategy!r})")
+        return self
 
     @model_validator(mode="after")
     def _weight_range_for_target(self):

@@ -209,6 +209,30 @@ class AutoConfig(_Section):
     probe_images: Optional[int] = Field(None, ge=1, description="calibration images of the probe; default "
                                                                 "ptq.num_images")
     prune: Optional[PruneTarget] = Field(None, description="speed/size target: adds a pruning stage")
+    latency_ms: Optional[float] = Field(
+        None, gt=0, description="budget: batch-1 latency at most this (ms, frontier.runtime on this machine). The run "
+                                "measures the frontier (frontier: section) and delivers its most accurate point "
+                                "within the budget (act.orchestrate.budget)")
+    macs_ratio: Optional[float] = Field(None, gt=0, le=1, description="budget: MACs at most this x the teacher's at "
+                                                                      "data.imgsz (as latency_ms)")
+    max_drop: Optional[float] = Field(
+        None, ge=0, description="with a budget: accuracy at most this below the teacher's at data.imgsz (labeled "
+                                "mAP with eval.data, else label-free fidelity); a budget no point meets within it "
+                                "fails with the closest points")
+
+    @property
+    def budget(self) -> bool:
+        return self.latency_ms is not None or self.macs_ratio is not None
+
+    @model_validator(mode="after")
+    def _budget_or_prune(self):
+        if self.budget and self.prune is not None:
+            raise ValueError("give either prune (prune to this size) or a budget (latency_ms / macs_ratio: the "
+                             "frontier's best point within it), not both")
+        if self.max_drop is not None and not self.budget:
+            raise ValueError("max_drop bounds the accuracy of a budget's choice: give latency_ms or macs_ratio too "
+                             "(for PTQ / QAT accuracy targets use target.max_drop)")
+        return self
 
 class PlacementConfig(_Section):
     """Where quantizers go besides every conv input and weight, and which share one scale (act.blocks.quant.placement)."""
