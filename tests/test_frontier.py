@@ -146,7 +146,8 @@ def test_budget_delivers_the_most_accurate_point_within_it(frontier_run, tmp_pat
     assert "not made: 160px_int8-ptq: aims at 1.00x MACs > budget 0.7x" in decisions
     assert "160px_fp32" in decisions and "outside the budget" in decisions
     report = tmp_path / "budget" / "report.md"
-    assert report.read_text().count(best["name"]) >= 2 and "frontier.png" in report.read_text()
+    assert report.read_text().count(best["name"]) >= 2 and "](frontier.png)" in report.read_text()
+    assert (tmp_path / "budget" / "frontier.png").is_file()
     report.unlink()
     from act.cli.main import main
 

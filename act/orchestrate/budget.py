@@ -7,7 +7,7 @@ most accurate way to meet it, picked from a measured frontier (act.orchestrate.f
 2. Of the measured points within the budget, the most accurate is chosen (never a dominated one); every other point
    is logged with why it was not (act.orchestrate.pareto), in the log, summary.json["decisions"] and report.md.
 3. The chosen point's deliverables (its ONNX as student.onnx, its checkpoint, its OpenVINO IR) are copied into
-   output_dir. A budget nothing meets within auto.max_drop fails (exit 6) naming the closest points either way.
+   output_dir, with this run's frontier.json / .md / .png (the budget and the decisions in them) and report.md. A budget nothing meets within auto.max_drop fails (exit 6) naming the closest points either way.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class BudgetStrategy:
         result["decisions"] = self.decisions
         result["budget"] = {"latency_ms": b.latency_ms, "macs_ratio": b.macs_ratio, "max_drop": b.max_drop,
                             "runtime": b.runtime}
-        write_frontier(result, frontier.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        result["files"] = write_frontier(result, self.out)  # this run's copy, with its budget and decisions
         summary: Dict[str, Any] = {
             "mode": "budget", "strategy": {"name": "auto", "budget": result["budget"]},
             "met": choice.met, "metric": result["metric"], "teacher": result["teacher"],
@@ -149,8 +149,6 @@ def write_budget_report(out: Path, summary: Optional[Dict[str, Any]] = None, res
             + (f"Chosen: **{summary['chosen']['name']}** -> `{summary['onnx']['path']}`.\n\n" if summary["met"]
                else "**Not met**: no point is within it" + (f" (closest: {', '.join(summary['closest'])})"
                                                              if summary.get("closest") else "") + ".\n\n"))
-    plot = f"![frontier]({Path(summary['frontier']['png']).resolve()})"
-    body = frontier_markdown(result).split("\n", 1)[1].replace("![accuracy vs latency](frontier.png)", plot)
-    path = out / "report.md"
-    atomic_write_text(path, head + body)
+    path = out / "report.md"  # beside this run's frontier.png, which the table's markdown shows
+    atomic_write_text(path, head + frontier_markdown(result).split("\n", 1)[1])
     return path

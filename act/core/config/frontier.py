@@ -84,7 +84,9 @@ class FrontierConfig(_Section):
     runtime: Literal["auto", "openvino", "onnxruntime", "tensorrt"] = Field(
         "auto", description="the runtime whose latency ranks the points: auto = openvino where installed, else "
                             "onnxruntime. Latency is measured in every installed runtime")
-    latency_runs: int = Field(30, ge=1, description="timed runs per point and runtime (batch 1, median)")
+    latency_runs: int = Field(30, ge=1, description="timed runs per round, point and runtime (batch 1, median)")
+    latency_rounds: int = Field(3, ge=1, description="timing rounds; the round with the lowest median counts (a "
+                                                     "shared machine's medians swing between rounds)")
     output_dir: Optional[str] = Field(None, description="default: <output_dir>/frontier")
 
     @field_validator("imgsz")
