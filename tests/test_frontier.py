@@ -303,3 +303,50 @@ def test_frontier_config_is_validated():
     names = [p.name for p in cfg.frontier.expand(640)]
     assert "512px_prune0.8_int8-qat" not in names and "576px_prune0.8_int8-qat" in names  # 0.51x < 0.6
     assert "640px_prune0.8_int8-ptq" not in names  # pruned points are trained (QAT)
+
+
+def test_budget_refuses_an_output_dir_holding_another_run(tmp_path):
+    from act.core.errors import ConfigError
+    from act.orchestrate.compress import AutoCompression
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"mode": "qat"}))
+    raw = _cfg(out, strategy="auto", auto={"latency_ms": 10.0})
+    with pytest.raises(ConfigError, match="holds another run \\(mode 'qat'\\)"):
+        AutoCompression(raw).run()
+    assert json.loads((out / "summary.json").read_text()) == {"mode": "qat"}  # untouched
+
+
+@needs_data
+@pytest.mark.slow
+def test_frontier_metric_picks_the_ranking_accuracy(frontier_run):
+    import copy
+
+    from act.core.errors import ConfigError
+    from act.orchestrate.frontier_measure import summarize
+
+    _, _, res = frontier_run
+    rows = copy.deepcopy(res["points"])
+    out = summarize(rows, "fidelity_pose_map50", res["runtime"])
+    assert out["metric"] == "fidelity_pose_map50"
+    assert [r["accuracy"] for r in out["points"]] == [r["metrics"]["fidelity_pose_map50"] for r in rows]
+    with pytest.raises(ConfigError, match="frontier.metric: 'nope' is not measured"):
+        summarize(copy.deepcopy(res["points"]), "nope", res["runtime"])
+
+
+def test_int8_points_count_the_macs_of_their_float_structure():
+    """torch-pruning's counter skips fake-quantized convs (a subclass); a point counts its float structure."""
+    from act.blocks.prune import model_cost
+    from act.core.config import load_config
+    from act.orchestrate.frontier_measure import float_structure
+    from act.run.build import build_student, load_frozen
+
+    teacher, family, _ = load_frozen("yolo11n-pose")
+    cfg = load_config(raw={"model": {"teacher": "yolo11n-pose"}, "data": {"train": "pkg:ultralytics/assets"}})
+    student = build_student(teacher, cfg, family).eval()
+    t_macs, t_params = model_cost(teacher, 160, family)
+    assert model_cost(student, 160, family)[0] < 0.1 * t_macs  # what the counter alone sees
+    macs, params = model_cost(float_structure(student), 160, family)
+    assert macs == pytest.approx(t_macs, rel=1e-3) and params == pytest.approx(t_params, rel=1e-3)  # + PACT clips
+    assert any(type(m).__name__ == "QuantConv2d" for m in student.modules())  # the student itself is unchanged

@@ -14,7 +14,8 @@ tools/benchmark.py), label-free fidelity vs the teacher on the held-out train sl
 (torch-pruning's counter), onnxruntime CPU latency of each row's ONNX (batch 1, median of --latency-runs, measured
 here one model at a time after the runs; the INT8 row's ONNX is the Q/DQ model). The compressed rows evaluate best.pt
 in torch (the fake-quantized student for INT8); --onnx-rows adds the INT8 ONNX evaluated in onnxruntime.
-A run that ends unfinished still gives the rows of the stages it finished; when this script itself is stopped (a
+For pruning against the other knobs (input size, INT8 by PTQ / QAT, both at once) with OpenVINO latency, see
+`act frontier` (docs/frontier.md). A run that ends unfinished still gives the rows of the stages it finished; when this script itself is stopped (a
 device call's time limit), --resume continues each run with act's own --resume, then evaluates.
 Writes OUT/bench_prune.md and OUT/bench_prune.json (rewritten after every row).
 """

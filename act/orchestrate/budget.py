@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from act.core.config import FrontierPoint, RunConfig
 from act.core.errors import ActError, ConfigError
-from act.core.fileio import atomic_write_text
+from act.core.fileio import atomic_write_bytes, atomic_write_text
 from act.orchestrate.frontier import Frontier
 from act.orchestrate.frontier_measure import ranking_runtime
 from act.orchestrate.frontier_report import frontier_markdown, write_frontier
@@ -72,8 +72,22 @@ class BudgetStrategy:
                         return f"its PTQ twin {twin} (the same graph) runs {ms:.1f} ms > budget {b.latency_ms:g} ms"
         return None
 
+    def check_output(self, exist_ok: bool) -> None:
+        """output_dir may hold a budget run (this one, run again) but not another kind of run, unless exist_ok."""
+        sj = self.out / "summary.json"
+        if not exist_ok and sj.is_file():
+            try:
+                mode = json.loads(sj.read_text()).get("mode")
+            except ValueError:
+                mode = None
+            if mode != "budget":
+                raise ConfigError(f"invalid config:\n  output_dir: {self.out} holds another run (mode {mode!r}); "
+                                  f"choose another output_dir or pass --exist-ok")
+
     def run(self, resume: bool = False, exist_ok: bool = False) -> Dict[str, Any]:
+        """Measure (or resume) the frontier, choose, deliver. `resume` changes nothing: the frontier always resumes."""
         cfg, b = self.cfg, self.budget
+        self.check_output(exist_ok)
         t0 = time.time()
         print(f"act: strategy auto with a budget: {b.describe()}; measuring the frontier")
         base_points = cfg.frontier.expand(cfg.data.imgsz)
@@ -114,17 +128,16 @@ class BudgetStrategy:
     def _deliver(self, chosen: Dict[str, Any]) -> Path:
         """The chosen point's ONNX as output_dir/student.onnx, with its OpenVINO IR and checkpoint when it has them."""
         onnx = Path(chosen["onnx"])
-        target = self.out / "student.onnx"
-        shutil.copy2(onnx, target)
+        target = atomic_write_bytes(self.out / "student.onnx", onnx.read_bytes(), what="ONNX file")
         ir = onnx.parent / f"{onnx.stem}_openvino_model"
         if ir.is_dir():
             dest = self.out / "student_openvino_model"
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(ir, dest)
         run_dir = Path(chosen["run_dir"])
-        for name in ("best.pt", "ptq.pt", "config.yaml"):
+        for name, as_name in (("best.pt", "best.pt"), ("ptq.pt", "ptq.pt"), ("config.yaml", "chosen_config.yaml")):
             if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, self.out / (name if name != "config.yaml" else "chosen_config.yaml"))
+                atomic_write_bytes(self.out / as_name, (run_dir / name).read_bytes(), what=as_name)
         return target
 
     def _write(self, summary: Dict[str, Any], result: Dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -199,6 +200,22 @@ class Frontier:
                 return q
         return None
 
+    def point_config(self, p: FrontierPoint) -> Optional[RunConfig]:
+        """The validated run config that makes `p` (None: the teacher's own export)."""
+        if p.prune == 1 and p.precision == "fp32":
+            return None
+        if p.prune == 1:
+            return validate_config(self._sub_raw(p))
+        return validate_config(self._prune_raw(p, p.precision == "int8")[0])
+
+    def check_points(self) -> None:
+        """Every point's run config validated before any point is made: a bad one fails now, naming the point."""
+        for p in self.points:
+            try:
+                self.point_config(p)
+            except ConfigError as e:
+                raise ConfigError(f"frontier point {p.name}: {e}") from None
+
     # ---- making -------------------------------------------------------------------------------------------------
     def make(self, p: FrontierPoint) -> Made:
         if p.name in self._made:
@@ -268,7 +285,8 @@ class Frontier:
             self.log(f"act frontier: making {p.name}: {command}")
             StagedRun(cfg).run(resume=(d / "stages.json").is_file(), exist_ok=True)
         stage = stage_dir(d, k, cfg.stages[k])
-        return Made(_onnx_of(d), _float_module(load_checkpoint(stage / "best.pt")), d, command)
+        structure = stage / "best.pt" if (stage / "best.pt").is_file() else d / "best.pt"  # its MACs: the same
+        return Made(_onnx_of(d), _float_module(load_checkpoint(structure)), d, command)
 
     # ---- the whole frontier ---------------------------------------------------------------------------------------
     def run(self, skip: Optional[Callable[[FrontierPoint, List[Dict[str, Any]]], Optional[str]]] = None
@@ -282,15 +300,15 @@ class Frontier:
         from act.run.build import check_inputs
 
         check_inputs(self.cfg)
-        if self.cfg.frontier.prune_recipe:
-            self._prune_template()  # a missing recipe fails now
+        self.check_points()
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False))
         measurer = None if self.make_only else Measurer(self.cfg, self.teacher(), self.log)
         rows: List[Dict[str, Any]] = []
         skipped: List[Dict[str, Any]] = []
         t0 = time.time()
-        bar = tqdm(self.points, desc="act frontier", unit="point")
+        bar = tqdm(self.points, desc="act frontier", unit="point", dynamic_ncols=True,
+                   disable=os.environ.get("ACT_NO_PROGRESS") == "1")
         for p in bar:
             bar.set_postfix_str(p.name)
             why = skip(p, rows) if skip and p.name != self.reference.name else None  # the reference: always
@@ -337,7 +355,8 @@ def _as_overrides(items: Sequence[str]) -> Dict[str, Any]:
 
 
 def _finished(d: Path) -> bool:
-    return (d / "summary.json").is_file()
+    """A run that finished here (summary.json), or one made elsewhere whose ONNX was written (`act export`)."""
+    return (d / "summary.json").is_file() or (d / "student.onnx").is_file()
 
 
 def _onnx_of(d: Path) -> Path:

@@ -18,6 +18,21 @@ from act.core.optional_deps import openvino_available
 from act.orchestrate.pareto import mark_pareto
 
 
+def float_structure(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose fake-quantized convs / linears are plain ones (the same weights and shapes), so that a
+    MAC counter keyed on module types counts them: an INT8 point has the MACs of its float structure."""
+    import copy
+
+    from torch import nn
+
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        for base in (nn.Conv2d, nn.Linear):
+            if isinstance(m, base) and type(m) is not base:
+                m.__class__ = base
+    return model
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,7 +61,8 @@ class Measurer:
         self.base = cfg.data.imgsz
         self.runtime = ranking_runtime(cfg.frontier.runtime)
         kind = "pose" if self.task == "pose" else "box"
-        self.metric = default_metric(self.task, self.family) if cfg.eval.data else f"fidelity_{kind}_map50_95"
+        self.metric = cfg.frontier.metric or (default_metric(self.task, self.family) if cfg.eval.data
+                                              else f"fidelity_{kind}_map50_95")
         if not cfg.eval.data and not cfg.eval.fidelity.enabled and not cfg.eval.callback:
             from act.core.errors import ConfigError
 
@@ -98,7 +114,7 @@ class Measurer:
 
         t0 = time.time()
         self.log(f"act frontier: measuring {p.name} ({made.onnx})")
-        macs, params = model_cost(made.float_model, p.imgsz, self.family)
+        macs, params = model_cost(float_structure(made.float_model), p.imgsz, self.family)
         metrics: Dict[str, float] = {}
         ctx = EvalContext(torch.device("cpu"), p.imgsz, 0, made.run_dir)
         if self.cfg.eval.fidelity.enabled:
@@ -152,6 +168,11 @@ def summarize(rows: List[Dict[str, Any]], metric: str, runtime: str) -> Dict[str
     """Each row gets accuracy, drop (vs the first row, the FP32 teacher at data.imgsz), latency_ms in the ranking
     runtime, latency_ratio, cost and its Pareto mark."""
     ref = rows[0] if rows else None
+    if ref is not None and metric not in ref.get("metrics", {}):
+        from act.core.errors import ConfigError
+
+        raise ConfigError(f"invalid config:\n  frontier.metric: {metric!r} is not measured; the points have "
+                          f"{sorted(ref.get('metrics', {}))}")
     ref_acc = ref["metrics"].get(metric) if ref else None
     ref_ms = ((ref or {}).get("latency", {}).get(runtime) or {}).get("median_ms")
     for r in rows:

@@ -81,6 +81,9 @@ class FrontierConfig(_Section):
                           "config's teacher, data.imgsz set to the point's and its prune stage's target to the "
                           "point's ratio (e.g. configs/yolo11n_pose_prune_qat.yaml); default: this config with "
                           "prune_stages")
+    metric: Optional[str] = Field(
+        None, description="the accuracy that ranks the points (higher is better), any key a point's measurement has; "
+                          "default: the labeled mAP50-95 with eval.data, else label-free fidelity mAP50-95")
     runtime: Literal["auto", "openvino", "onnxruntime", "tensorrt"] = Field(
         "auto", description="the runtime whose latency ranks the points: auto = openvino where installed, else "
                             "onnxruntime. Latency is measured in every installed runtime")
